@@ -1,0 +1,196 @@
+"""`phalanx` command line: parse, build the config, call one function per sub-command.
+
+    phalanx train [--recipe R] [--KEY=VALUE ...]      train (in-process, or N ranks via the elastic launcher)
+    phalanx eval RUN_DIR|WEIGHTS [--KEY=VALUE ...]    evaluate saved weights on a test split
+    phalanx predict WEIGHTS IMAGE...                  classify image files
+    phalanx data prepare SRC OUT [--size N] ...       build a prepared store
+    phalanx models                                    list the model registry
+    phalanx bench scaling|flops [...]                 throughput benchmarks
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from phalanx import config as C
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+TRAIN_HELP = """usage: phalanx train [--recipe NAME|FILE] [--KEY=VALUE | --KEY VALUE]...
+
+Train a classifier. Values come from the defaults, then the recipe (default: fashion_mnist),
+then the command line. A leaf name alone works when unambiguous (--lr means --optim.lr).
+Shortcuts: --data X (= --data.path X), --nproc N, --resume RUN_DIR, --nnodes, --node-rank,
+--rdzv-endpoint HOST:PORT, --max-restarts K.
+
+Launch modes (the same flags work under `torchrun ... -m phalanx train`):
+  phalanx train                                one process
+  phalanx train --nproc 4                      4 ranks on this node (elastic launcher, gloo or NCCL)
+  phalanx train --nproc auto                   one rank per GPU, or the best CPU layout
+  phalanx train --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint HOST0:29400   on each node
+
+options:
+  --recipe NAME|FILE  TOML recipe ({recipes})
+  -h, --help          show this help
+{fields}
+"""
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], list[tuple[str, str]], str | None, bool]:
+    """(positional, [(key, value)], recipe, help) from `--k=v`, `--k v` and bare `--flag` (true)."""
+    pos, pairs, recipe, want_help = [], [], None, False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            want_help = True
+        elif a.startswith("--"):
+            key, eq, val = a[2:].partition("=")
+            if not eq:
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    val = argv[i + 1]
+                    i += 1
+                else:
+                    val = "true"
+            if key == "recipe":
+                recipe = val
+            else:
+                pairs.append(({"data": "data.path"}.get(key, key), val))
+        else:
+            pos.append(a)
+        i += 1
+    return pos, pairs, recipe, want_help
+
+
+def _fail(msg: str) -> int:
+    print(f"phalanx: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _train_help() -> str:
+    recipes = ", ".join(sorted(p.stem for p in C.RECIPES_DIR.glob("*.toml")))
+    return TRAIN_HELP.format(recipes=recipes, fields=C.help_text())
+
+
+def cmd_train(argv: list[str]) -> int:
+    pos, pairs, recipe, want_help = _split_args(argv)
+    if want_help:
+        print(_train_help())
+        return 0
+    if pos:
+        return _fail(f"unexpected argument {pos[0]!r} (options look like --optim.lr=0.1)")
+    cfg = C.build_config(recipe, pairs)  # ConfigError -> exit 2 before anything is written
+    return _run_or_launch("train", cfg, argv)
+
+
+def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None = None) -> int:
+    from phalanx.parallel import env as penv
+    from phalanx.parallel.launch import launch, resolve_nproc
+
+    nproc, why = resolve_nproc(cfg.parallel, cfg.device)
+    if penv.is_worker() or (nproc == 1 and cfg.parallel.nnodes == 1):
+        if sub == "train":
+            from phalanx.train.loop import train
+            res = train(cfg)
+            return 0 if res is not None else 1
+        from phalanx.train.evaluate import eval_main
+        eval_main(cfg, target)
+        return 0
+    threads = cfg.parallel.threads_per_rank or max(1, penv.usable_cores() // nproc)
+    print(f"phalanx: launching {nproc} rank(s) x {threads} thread(s) per node on {cfg.parallel.nnodes} node(s) "
+          f"({why})", flush=True)
+    worker_argv = list(argv)
+    if sub == "train" and not cfg.run_dir:
+        # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
+        import time
+        run_dir = Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}"
+        if cfg.ckpt.resume:
+            run_dir = Path(cfg.ckpt.resume)
+        worker_argv.append(f"--run_dir={run_dir}")
+    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    pos, pairs, recipe, want_help = _split_args(argv)
+    if want_help or not pos:
+        print("usage: phalanx eval RUN_DIR|WEIGHTS.safetensors [--data X] [--nproc N] [--eval_batch N] "
+              "[--tta_flip=false] [--KEY=VALUE]...\n\nEvaluate saved weights on the test split of --data "
+              "(default: the data the run trained on). Prints accuracy and loss as JSON; identical for any --nproc.")
+        return 0 if want_help else 2
+    target = Path(pos[0])
+    run_dir = target if target.is_dir() else target.parent
+    if not target.exists():
+        return _fail(f"{target}: no such run directory or weights file")
+    base = run_dir / "config.toml"
+    cfg = C.build_config(str(base) if base.is_file() and recipe is None else recipe, pairs)
+    return _run_or_launch("eval", cfg, argv, target=target)
+
+
+def cmd_models(argv: list[str]) -> int:
+    from phalanx.models import DESCRIPTIONS
+    for name, desc in DESCRIPTIONS.items():
+        print(f"{name:22s} {desc}")
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    pos, pairs, _, want_help = _split_args(argv)
+    if want_help or len(pos) < 2:
+        print("usage: phalanx predict RUN_DIR|WEIGHTS IMAGE [IMAGE...] [--top 3]\n\n"
+              "Classify image files (PNG, JPEG, ...) with saved weights; prints one JSON line per image.")
+        return 0 if want_help else 2
+    from phalanx.train.evaluate import predict_files
+    top = int(dict(pairs).get("top", 3))
+    for row in predict_files(Path(pos[0]), [Path(p) for p in pos[1:]], top):
+        print(json.dumps(row))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from phalanx.data import prepare
+    return prepare.cli(argv)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from phalanx.bench import cli as bench_cli
+    return bench_cli(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data,
+            "models": cmd_models, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: phalanx COMMAND [options]   (phalanx COMMAND --help for each)\n\n" + USAGE)
+        return 0 if argv else 2
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        import difflib
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        return _fail(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                     + f"; commands: {', '.join(COMMANDS)}")
+    from phalanx.data.idx import DataError
+    from phalanx.train.checkpoint import CheckpointError
+    try:
+        return cmd(argv[1:])
+    except C.ConfigError as e:
+        return _fail(str(e))
+    except (DataError, CheckpointError) as e:
+        print(f"phalanx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("phalanx: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+    # `record` writes this rank's traceback where the elastic agent reports it as the root cause.
+    sys.exit(record(main)())
+
+
+if __name__ == "__main__":
+    entry()

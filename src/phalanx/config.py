@@ -1,0 +1,435 @@
+"""Typed run configuration: dataclasses, TOML recipes, command-line overrides, validation.
+
+Every field has a one-line docstring right under it; those docstrings are the `--help` text.
+A recipe is a TOML file whose tables mirror the nested dataclasses (`[optim]`, `[data]`...).
+Overrides use dotted keys: `--optim.lr=0.1` or `--optim.lr 0.1`. Validation happens here, at the
+edge, and fails with one `ConfigError` line; nothing deeper re-checks user input.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: printed as one line, exit code 2."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "fashion_mnist"
+    """Dataset: `fashion_mnist` (built-in), a prepared store, a folder of idx files, CIFAR binaries or an ImageFolder."""
+    cache_dir: str = ""
+    """Where prepared stores of raw sources are cached (default: $PHALANX_CACHE or ~/.cache/phalanx)."""
+    auto_install: bool = True
+    """Install the Debian package dataset-fashion-mnist (or download) when Fashion-MNIST is missing."""
+    prefetch: bool = True
+    """Prepare the next batch in a background thread while the current one trains."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "phalanx_cnn"
+    """Model from the registry (`phalanx models` lists them)."""
+    width: int = 64
+    """Base channel width of the house CNNs (ignored by fixed-width models)."""
+    channels_last: bool = True
+    """Use channels-last memory format (faster convolutions on CPU and tensor cores)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (pays off on long GPU runs; slow to start on CPU)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adadelta"] = "sgd"
+    """Optimizer."""
+    lr: float = 0.4
+    """Peak learning rate for the global batch (not per rank)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """Nesterov momentum for SGD."""
+    weight_decay: float = 5e-4
+    """Weight decay (decoupled for AdamW, L2 for SGD; not applied to norms and biases)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy loss."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: off)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
+    """Learning-rate schedule, stepped once per optimizer step."""
+    warmup: float = 0.2
+    """Fraction of all steps spent warming up (onecycle, cosine)."""
+    final_frac: float = 0.02
+    """Final learning rate as a fraction of the peak (onecycle, cosine)."""
+    gamma: float = 0.7
+    """Multiplicative decay per `step_epochs` epochs (step)."""
+    step_epochs: int = 1
+    """Epochs between decays (step)."""
+
+
+@dataclass
+class AugmentConfig:
+    crop_pad: int = 2
+    """Random translation by up to this many pixels (random crop of a zero-padded image; 0: off)."""
+    flip: bool = True
+    """Random horizontal flip."""
+    cutout: int = 0
+    """Side of a random square zeroed in each image (0: off)."""
+
+
+@dataclass
+class ParallelConfig:
+    nproc: str = "1"
+    """Ranks on this node: a number, or `auto` (one per GPU; on CPU the measured-best layout)."""
+    nnodes: int = 1
+    """Number of nodes taking part in the run."""
+    node_rank: int = -1
+    """This node's rank (-1: let the c10d rendezvous assign it)."""
+    rdzv_endpoint: str = ""
+    """host:port of the c10d rendezvous for multi-node runs (empty: a free port on 127.0.0.1)."""
+    rdzv_id: str = "phalanx"
+    """Rendezvous id shared by all nodes of one run."""
+    max_restarts: int = 0
+    """Times the elastic agent restarts a failed group (resuming from the latest checkpoint)."""
+    threads_per_rank: int = 0
+    """CPU threads per rank (0: cores of this node divided among its ranks)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend (auto: NCCL on CUDA, gloo on CPU)."""
+    init_timeout_s: float = 300.0
+    """Seconds to wait for every rank to join the process group."""
+    timeout_s: float = 120.0
+    """Seconds a collective may wait for a missing or stalled rank before the run stops."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
+    bucket_mb: float = 25.0
+    """DDP gradient bucket size in MiB."""
+    static_graph: bool = True
+    """Tell DDP the graph is static (lets it skip unused-parameter searches)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Write a checkpoint every this many optimizer steps (0: off)."""
+    every_minutes: float = 0.0
+    """Write a checkpoint at least this often in minutes (0: off)."""
+    at_epoch_end: bool = True
+    """Write a checkpoint at the end of each epoch."""
+    keep: int = 2
+    """How many checkpoints to keep (oldest are deleted)."""
+    resume: str = ""
+    """Run directory (or checkpoint directory) to resume from; a run started in a directory with a checkpoint resumes from it."""
+
+
+@dataclass
+class Config:
+    epochs: int = 8
+    """Training epochs."""
+    global_batch: int = 512
+    """Images per optimizer step summed over all ranks (and accumulation micro-steps)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step; gradients are all-reduced only on the last one."""
+    eval_batch: int = 1000
+    """Evaluation chunk size; chunks, not ranks, fix the arithmetic, so results are world-size independent."""
+    eval_every: int = 1
+    """Evaluate every this many epochs (the last epoch is always evaluated)."""
+    seed: int = 0
+    """Seed of the data order, the augmentations and the initial weights."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast dtype (auto: bf16 where the CPU or GPU has it, else fp32)."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights, evaluated instead of the raw weights (0: off)."""
+    tta_flip: bool = True
+    """Evaluate on each image and its mirror image and average the logits."""
+    deterministic: bool = False
+    """Use deterministic algorithms (bit-reproducible runs on CPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to train on (auto: CUDA when present)."""
+    out_dir: str = "runs"
+    """Parent folder of run directories."""
+    run_dir: str = ""
+    """Run directory (empty: OUT_DIR/<date>-<time>-<model>)."""
+    progress: bool = True
+    """Draw a progress bar on rank 0 (log lines are written either way)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: no limit); used by tests and benchmarks."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        """Check every value; raise ConfigError naming the field and how to fix it."""
+        from phalanx.models import MODELS  # late: models import torch
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}={get_key(self, key)!r}: {msg}")
+
+        need(self.epochs >= 0, "epochs", "must be >= 0")
+        need(self.global_batch >= 1, "global_batch", "must be >= 1")
+        need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        need(self.global_batch % self.grad_accum == 0, "grad_accum", "must divide global_batch")
+        need(self.eval_batch >= 1, "eval_batch", "must be >= 1")
+        need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        need(0.0 <= self.ema < 1.0, "ema", "must be in [0, 1)")
+        need(self.model.name in MODELS, "model.name",
+             f"unknown model{_did_you_mean(self.model.name, MODELS)}; choose one of {', '.join(sorted(MODELS))}")
+        need(self.model.width >= 1, "model.width", "must be >= 1")
+        o = self.optim
+        need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be a positive number, e.g. --optim.lr=0.1")
+        need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)")
+        need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        s = self.sched
+        need(0.0 <= s.warmup < 1.0, "sched.warmup", "must be in [0, 1)")
+        need(0.0 <= s.final_frac <= 1.0, "sched.final_frac", "must be in [0, 1]")
+        need(0.0 < s.gamma <= 1.0, "sched.gamma", "must be in (0, 1]")
+        need(s.step_epochs >= 1, "sched.step_epochs", "must be >= 1")
+        a = self.augment
+        need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
+        need(a.cutout >= 0, "augment.cutout", "must be >= 0")
+        p = self.parallel
+        need(p.nproc == "auto" or (p.nproc.isdigit() and int(p.nproc) >= 1), "parallel.nproc",
+             "must be a positive number or 'auto'")
+        need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
+        need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")
+        need(p.threads_per_rank >= 0, "parallel.threads_per_rank", "must be >= 0")
+        need(p.init_timeout_s > 0, "parallel.init_timeout_s", "must be > 0")
+        need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+        need(p.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+        c = self.ckpt
+        need(c.every_steps >= 0, "ckpt.every_steps", "must be >= 0")
+        need(c.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0")
+        need(c.keep >= 1, "ckpt.keep", "must be >= 1")
+        return self
+
+
+# ----------------------------------------------------------------------------- field metadata
+
+@dataclass(frozen=True)
+class FieldInfo:
+    key: str
+    type: Any
+    default: Any
+    doc: str
+
+
+@lru_cache(maxsize=None)
+def _field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (read from the class source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+@lru_cache(maxsize=None)
+def fields_of(cls: type = Config, prefix: str = "") -> tuple[FieldInfo, ...]:
+    """Every leaf field of a (nested) config dataclass, with dotted keys."""
+    hints = get_type_hints(cls)
+    docs = _field_docs(cls)
+    out: list[FieldInfo] = []
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.extend(fields_of(t, prefix + f.name + "."))
+        else:
+            out.append(FieldInfo(prefix + f.name, t, getattr(default_obj, f.name), docs.get(f.name, "")))
+    return tuple(out)
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_key(cfg: Any, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+def _coerce(info: FieldInfo, value: Any, origin: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's type."""
+    t = info.type
+    where = f"{info.key}={value!r} ({origin})"
+    if get_origin(t) is Literal:
+        choices = get_args(t)
+        if value not in choices:
+            raise ConfigError(f"{where}: choose one of {', '.join(map(str, choices))}"
+                              f"{_did_you_mean(str(value), map(str, choices))}")
+        return value
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false")
+    if t is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value), 0)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer") from None
+    if t is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number") from None
+    if t is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {t!r}")  # a programming error, not a user's
+
+
+def _lookup(key: str, origin: str) -> FieldInfo:
+    infos = {i.key: i for i in fields_of()}
+    if key in infos:
+        return infos[key]
+    # A bare leaf name is accepted when it is unambiguous: `--lr` means `--optim.lr`.
+    leaf = [i for i in infos.values() if i.key.rsplit(".", 1)[-1] == key.replace("-", "_")]
+    if len(leaf) == 1:
+        return leaf[0]
+    norm = key.replace("-", "_")
+    if norm in infos:
+        return infos[norm]
+    raise ConfigError(f"unknown option {key!r} ({origin}){_did_you_mean(key, infos)}; "
+                      f"`phalanx train --help` lists every option")
+
+
+def _flatten_toml(table: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten_toml(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe by path, or by name from the packaged recipes."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.toml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.toml"))
+    raise ConfigError(f"recipe {name!r} not found{_did_you_mean(name, known)}; "
+                      f"give a TOML file path or one of: {', '.join(known)}")
+
+
+def load_recipe(cfg: Config, path: Path) -> None:
+    try:
+        table = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+    for key, value in _flatten_toml(table).items():
+        info = _lookup(key, f"in {path}")
+        _set_key(cfg, info.key, _coerce(info, value, f"in {path}"))
+
+
+def apply_overrides(cfg: Config, pairs: list[tuple[str, str]]) -> None:
+    for key, raw in pairs:
+        info = _lookup(key, "command line")
+        _set_key(cfg, info.key, _coerce(info, raw, "command line"))
+
+
+def build_config(recipe: str | None, overrides: list[tuple[str, str]]) -> Config:
+    """Defaults <- recipe <- command-line overrides, then validation."""
+    cfg = Config()
+    load_recipe(cfg, resolve_recipe(recipe or "fashion_mnist"))
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run's config.json), validating it."""
+    cfg = Config()
+    for key, value in _flatten_toml(d).items():
+        info = _lookup(key, "saved config")
+        _set_key(cfg, info.key, _coerce(info, value, "saved config"))
+    return cfg.validate()
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML recipe (re-usable with --recipe)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    top, tables = [], []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            lines = [f"[{f.name}]"] + [f"{g.name} = {fmt(getattr(v, g.name))}" for g in dataclasses.fields(v)]
+            tables.append("\n".join(lines))
+        else:
+            top.append(f"{f.name} = {fmt(v)}")
+    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+def help_text() -> str:
+    lines = []
+    for info in fields_of():
+        t = info.type
+        tname = "|".join(map(str, get_args(t))) if get_origin(t) is Literal else t.__name__
+        lines.append(f"  --{info.key}={tname}  (default: {info.default!r})\n      {info.doc}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data path: source readers -> prepared store -> global sampler -> rank shard -> loader -> device augment."""

@@ -1,0 +1,134 @@
+"""Loader: this rank's indices -> gathered uint8 batch -> device -> augmented, normalised tensor.
+
+Per step only a gather from the memory-mapped store (or from a copy resident on the device), one
+host-to-device copy and batched tensor ops remain. On CUDA the next batch is gathered into pinned
+memory and copied on a side stream by a background thread while the current step computes. On
+CPU the gather costs microseconds per batch and a thread would only steal the rank's core, so it
+runs inline.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from phalanx.config import AugmentConfig
+from phalanx.data.augment import Normalize, augment_uint8, draw_params
+from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
+from phalanx.data.store import Split
+
+
+@dataclass
+class Batch:
+    step: int
+    micro: int
+    x: torch.Tensor   # float, normalised, on the device
+    y: torch.Tensor   # int64 labels on the device
+
+
+def to_nchw(images_nhwc: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W) as a view: the result has channels-last strides."""
+    return images_nhwc.permute(0, 3, 1, 2)
+
+
+class SplitOnDevice:
+    """Gathers batches of a split, from its memmap or from a copy resident on the device."""
+
+    def __init__(self, split: Split, device: torch.device, resident: bool):
+        self.split, self.device = split, device
+        self.images = self.labels = None
+        if resident:
+            self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
+            self.labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(device)
+
+    def gather(self, idx: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is not None:
+            i = idx.to(self.device, non_blocking=True)
+            return self.images.index_select(0, i), self.labels.index_select(0, i)
+        ids = idx.numpy()
+        x = torch.from_numpy(np.take(self.split.images, ids, axis=0))
+        y = torch.from_numpy(np.take(self.split.labels, ids, axis=0))
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class TrainLoader:
+    def __init__(self, split: Split, sampler: GlobalSampler, augment: AugmentConfig, normalize: Normalize,
+                 device: torch.device, seed: int, prefetch: bool = True, resident: bool | None = None):
+        if resident is None:  # keep small datasets on the GPU: no per-step host-to-device copy at all
+            resident = device.type == "cuda" and split.images.nbytes < 2 << 30
+        self.source = SplitOnDevice(split, device, resident)
+        self.sampler, self.augment, self.normalize = sampler, augment, normalize
+        self.device, self.seed = device, seed
+        self.prefetch = prefetch and device.type == "cuda" and not resident
+        self.h, self.w = split.images.shape[1:3]
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+    def _raw(self, epoch: int, start_step: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        for step, micro, idx in self.sampler.epoch(epoch, start_step):
+            x, y = self.source.gather(idx, pin=self.prefetch)
+            yield step, micro, x, y
+
+    def _prefetched(self, epoch: int, start_step: int):
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stream = torch.cuda.Stream(self.device)
+        stop = threading.Event()
+
+        def work():
+            try:
+                with torch.cuda.stream(stream):
+                    for item in self._raw(epoch, start_step):
+                        ev = torch.cuda.Event()
+                        ev.record(stream)
+                        while not stop.is_set():
+                            try:
+                                q.put((item, ev), timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                q.put(None)
+            except BaseException as e:  # surface loader errors in the training thread
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True, name="phalanx-prefetch")
+        t.start()
+        try:
+            while (got := q.get()) is not None:
+                if isinstance(got, BaseException):
+                    raise got
+                item, ev = got
+                torch.cuda.current_stream(self.device).wait_event(ev)
+                yield item
+        finally:
+            stop.set()
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's augmented micro-batches of `epoch`, from `start_step` on."""
+        raw = self._prefetched(epoch, start_step) if self.prefetch else self._raw(epoch, start_step)
+        s = self.sampler
+        for step, micro, x, y in raw:
+            _, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
+            params = draw_params(self.augment, s.global_batch // s.accum, self.h, self.w, self.seed, epoch, step,
+                                 micro).slice(lo, lo + length)
+            x = augment_uint8(to_nchw(x), self.augment, params)
+            yield Batch(step, micro, self.normalize(x), y)
+
+
+def eval_chunks(n: int, chunk: int, world: int, rank: int) -> list[tuple[int, int, int]]:
+    """(chunk id, start, end) of the evaluation chunks this rank owns: contiguous, no padding.
+
+    Chunks, not ranks, decide which samples share a forward pass, so every sample's logits are
+    computed in the same batch for any world size and the summed results are bit-identical.
+    """
+    n_chunks = (n + chunk - 1) // chunk
+    lo, hi = rank * n_chunks // world, (rank + 1) * n_chunks // world
+    return [(c, c * chunk, min(n, (c + 1) * chunk)) for c in range(lo, hi)]

@@ -1,0 +1,143 @@
+"""Source readers: turn what the user names with `--data` into a prepared store.
+
+`fashion_mnist` (the built-in default) is looked up in the Debian package's folder, installed with
+apt when missing (Debian, root), downloaded with torchvision's downloader as a last resort, and
+prepared once into the cache. A folder of idx files (MNIST too) is prepared the same way. A
+prepared store is used as it is. Other sources (CIFAR binaries, ImageFolder trees) are prepared
+by `phalanx.data.prepare`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from phalanx.data.idx import DataError, find_idx_files, read_idx_pair
+from phalanx.data.store import Store, StoreWriter, is_store, open_store
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+
+
+def cache_dir(configured: str = "") -> Path:
+    return Path(configured or os.environ.get("PHALANX_CACHE") or Path.home() / ".cache" / "phalanx")
+
+
+def prepare_idx_folder(folder: Path, out: Path, classes: list[str] | None = None) -> Path:
+    """Convert train/test idx files in `folder` into a store at `out`."""
+    files = find_idx_files(folder)
+    if "train" not in files:
+        raise DataError(f"{folder}: no train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] found")
+    pairs = {split: read_idx_pair(*paths) for split, paths in files.items()}
+    h, w = pairs["train"][0].shape[1:]
+    if classes is None:
+        classes = FASHION_CLASSES if "fashion" in str(folder).lower() else MNIST_CLASSES
+    writer = StoreWriter(out, classes, (h, w, 1), source=str(folder.resolve()), options={"kind": "idx"})
+    try:
+        for split, (images, labels) in pairs.items():
+            if images.shape[1:] != (h, w):
+                raise DataError(f"{files[split][0]}: images are {images.shape[1:]}, train images are {(h, w)}")
+            writer.add_split(split, images, labels)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _install_debian_package() -> bool:
+    """apt-get install the Fashion-MNIST package when this is Debian and we are root."""
+    if not Path("/etc/debian_version").exists() or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    print(f"phalanx: Fashion-MNIST not found; installing the Debian package {DEBIAN_PACKAGE}", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "-qq", DEBIAN_PACKAGE], env=env, capture_output=True)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", DEBIAN_PACKAGE], env=env, capture_output=True)
+    return r.returncode == 0 and bool(find_idx_files(DEBIAN_DIR))
+
+
+def _download_torchvision(root: Path) -> Path | None:
+    try:
+        from torchvision.datasets import FashionMNIST
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+    except Exception:  # no network, mirror down...: the caller explains what to do
+        return None
+    raw = root / "FashionMNIST" / "raw"
+    return raw if find_idx_files(raw) else None
+
+
+def find_fashion_mnist(auto_install: bool, cache: Path) -> Path:
+    """Folder holding the four Fashion-MNIST idx files, installing or downloading them if allowed."""
+    candidates = [Path(p) for p in os.environ.get("PHALANX_FASHION_MNIST", "").split(os.pathsep) if p]
+    candidates += [DEBIAN_DIR, cache / "downloads" / "FashionMNIST" / "raw"]
+    for c in candidates:
+        if len(find_idx_files(c)) == 2:
+            return c
+    if auto_install:
+        if _install_debian_package():
+            return DEBIAN_DIR
+        got = _download_torchvision(cache / "downloads")
+        if got:
+            return got
+    raise DataError(
+        "Fashion-MNIST not found. Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+        "or put train/t10k images/labels idx files in a folder and pass --data FOLDER "
+        "(files from https://github.com/zalandoresearch/fashion-mnist)")
+
+
+def _cache_key(folder: Path) -> str:
+    """Stable name for the prepared copy of a raw source folder: changes when its files change."""
+    h = hashlib.sha1(str(folder.resolve()).encode())
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def store_path_for(data_path: str, cache_configured: str = "", auto_install: bool = True) -> tuple[Path, Path | None]:
+    """(store path, raw folder to prepare from or None when the store is used as it is)."""
+    cache = cache_dir(cache_configured)
+    if data_path in ("fashion_mnist", "fashion-mnist"):
+        folder = find_fashion_mnist(auto_install, cache)
+        return cache / "stores" / f"fashion_mnist-{_cache_key(folder)}", folder
+    p = Path(data_path).expanduser()
+    if not p.exists():
+        raise DataError(f"--data {data_path}: no such file or folder (use `fashion_mnist`, a prepared store, "
+                        f"or a folder of idx files)")
+    if is_store(p):
+        return p, None
+    if p.is_dir() and find_idx_files(p):
+        return cache / "stores" / f"{p.name}-{_cache_key(p)}", p
+    from phalanx.data import prepare  # CIFAR binaries, ImageFolder trees
+    kind = prepare.detect_kind(p)
+    if kind is None:
+        raise DataError(f"--data {data_path}: not a prepared store, an idx folder, CIFAR binaries or an "
+                        f"ImageFolder (one sub-folder of images per class)")
+    return cache / "stores" / f"{p.name}-{kind}-{_cache_key(p)}", p
+
+
+def ensure_store(store: Path, raw: Path | None) -> None:
+    """Prepare the store from its raw source unless a complete one is there already."""
+    if raw is None or is_store(store):
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    if find_idx_files(raw):
+        prepare_idx_folder(raw, store)
+    else:
+        from phalanx.data import prepare
+        prepare.prepare(raw, store)
+
+
+def load_store(data_path: str, cache_configured: str = "", auto_install: bool = True) -> Store:
+    """Single-process convenience: resolve, prepare if needed, open."""
+    store, raw = store_path_for(data_path, cache_configured, auto_install)
+    ensure_store(store, raw)
+    return open_store(store)

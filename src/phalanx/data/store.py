@@ -1,0 +1,207 @@
+"""The prepared store: decoded uint8 images in memory-mappable `.npy` files plus a JSON manifest.
+
+    STORE/manifest.json          written last: a store without it is incomplete and never read
+    STORE/<split>-images.npy     uint8, (N, H, W, C): NHWC so a gathered batch is channels-last for free
+    STORE/<split>-labels.npy     int64, (N,)
+
+Every rank maps the same files, so the OS page cache holds one copy of the dataset per node, not
+one per rank. A store is built in a temporary sibling directory and renamed into place, so an
+interrupted prepare never leaves something that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from phalanx.data.idx import DataError
+
+FORMAT = "phalanx-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8, usually a read-only memmap
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Store:
+    path: Path
+    manifest: dict
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return tuple(self.manifest["shape"])  # type: ignore[return-value]
+
+    @property
+    def mean(self) -> list[float]:
+        return self.manifest["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.manifest["std"]
+
+    def __getitem__(self, split: str) -> Split:
+        if split not in self.splits:
+            raise DataError(f"{self.path}: store has no split {split!r} (has: {', '.join(self.splits)})")
+        return self.splits[split]
+
+    def verify(self) -> None:
+        """Recompute every checksum in the manifest; raise DataError on the first mismatch."""
+        for name, info in self.manifest["splits"].items():
+            for kind in ("images", "labels"):
+                f = self.path / info[kind]
+                if _sha256(f) != info["sha256"][kind]:
+                    raise DataError(f"{f}: checksum differs from {self.path / MANIFEST}; the store is corrupt, "
+                                    f"prepare it again")
+
+
+def is_store(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def open_store(path: str | Path) -> Store:
+    """Map a prepared store read-only; validates the manifest and file sizes, not checksums."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise DataError(f"{path}: not a prepared store (no {MANIFEST}); an interrupted prepare leaves none, "
+                        f"run `phalanx data prepare` again")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{mpath}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
+    store = Store(path, manifest)
+    shape = tuple(manifest["shape"])
+    for name, info in manifest["splits"].items():
+        try:
+            images = np.load(path / info["images"], mmap_mode="r")
+            labels = np.load(path / info["labels"], mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path / info['images']}: cannot map ({e}); prepare the store again") from None
+        if images.dtype != np.uint8 or images.shape[1:] != shape or len(images) != info["count"]:
+            raise DataError(f"{path / info['images']}: shape {images.shape} {images.dtype} does not match the "
+                            f"manifest ({info['count']}, {shape}) uint8")
+        if len(labels) != info["count"]:
+            raise DataError(f"{path / info['labels']}: {len(labels)} labels, manifest says {info['count']}")
+        store.splits[name] = Split(images, labels)
+    return store
+
+
+class StoreWriter:
+    """Builds a store in `OUT.partial-<pid>`, then renames it to OUT once the manifest is written.
+
+    Usage: `w = StoreWriter(out, classes, shape, source, options)`, then `w.add_split(...)` per split
+    (or `w.open_split` + fill the returned memmaps for streaming writers), then `w.commit()`.
+    """
+
+    def __init__(self, out: str | Path, classes: list[str], shape: tuple[int, int, int], source: str,
+                 options: dict | None = None):
+        self.out = Path(out)
+        self.tmp = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.manifest = {"format": FORMAT, "version": VERSION, "classes": list(classes), "shape": list(shape),
+                         "splits": {}, "source": source, "options": options or {}, "skipped": [],
+                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._open: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def open_split(self, name: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Writable memmaps (images NHWC uint8, labels int64) for a split of `count` images."""
+        from numpy.lib.format import open_memmap
+        images = open_memmap(self.tmp / f"{name}-images.npy", mode="w+", dtype=np.uint8,
+                             shape=(count, *self.manifest["shape"]))
+        labels = open_memmap(self.tmp / f"{name}-labels.npy", mode="w+", dtype=np.int64, shape=(count,))
+        self._open[name] = (images, labels)
+        return images, labels
+
+    def add_split(self, name: str, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.ndim == 3:
+            images = images[..., None]
+        im, lb = self.open_split(name, len(labels))
+        im[:] = images
+        lb[:] = labels
+
+    def commit(self, skipped: list[dict] | None = None) -> Path:
+        """Finish the store: statistics, checksums, fsync, manifest last, atomic rename."""
+        self.manifest["skipped"] = skipped or []
+        n_cls = len(self.manifest["classes"])
+        for name, (images, labels) in self._open.items():
+            images.flush()
+            labels.flush()
+            info = {"count": int(len(labels)), "images": f"{name}-images.npy", "labels": f"{name}-labels.npy",
+                    "class_counts": np.bincount(np.asarray(labels), minlength=n_cls).tolist()}
+            if name == "train" or "mean" not in self.manifest:
+                c = images.shape[-1]
+                s = np.zeros(c)
+                s2 = np.zeros(c)
+                for i in range(0, len(images), 4096):  # chunked: stores can be larger than memory
+                    blk = np.asarray(images[i:i + 4096], dtype=np.float64).reshape(-1, c) / 255.0
+                    s += blk.sum(0)
+                    s2 += (blk ** 2).sum(0)
+                n = max(1, len(images) * images.shape[1] * images.shape[2])
+                mean = s / n
+                self.manifest["mean"] = mean.round(6).tolist()
+                self.manifest["std"] = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-12)).round(6).tolist()
+            del images, labels
+            self.manifest["splits"][name] = info
+        self._open.clear()
+        for name, info in self.manifest["splits"].items():
+            info["sha256"] = {k: _sha256(self.tmp / info[k]) for k in ("images", "labels")}
+            for k in ("images", "labels"):
+                with open(self.tmp / info[k], "rb+") as f:
+                    os.fsync(f.fileno())
+        mtmp = self.tmp / (MANIFEST + ".tmp")
+        mtmp.write_text(json.dumps(self.manifest, indent=1))
+        with open(mtmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(mtmp, self.tmp / MANIFEST)
+        _fsync_dir(self.tmp)
+        if self.out.exists():  # replacing an older or incomplete store
+            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
+        return self.out
+
+    def abort(self) -> None:
+        self._open.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,33 @@
+"""Fault injection for tests of failure handling; inert unless PHALANX_FAULT is set.
+
+PHALANX_FAULT="point:rank:step:action" — at `point` ("step" or "ckpt_write"), on `rank` at global
+step `step`, do `action`: "exit" (os._exit(3)), "kill" (SIGKILL self) or "hang" (sleep for ever).
+An optional 5th field restricts it to one elastic restart count (default 0, the first attempt).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+_SPEC = os.environ.get("PHALANX_FAULT", "")
+
+
+def maybe(point: str, rank: int, step: int) -> None:
+    if not _SPEC:
+        return
+    parts = _SPEC.split(":")
+    p, r, s, action = parts[:4]
+    attempt = int(parts[4]) if len(parts) > 4 else 0
+    if p != point or int(r) != rank or int(s) != step:
+        return
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) != attempt:
+        return
+    print(f"phalanx fault injection: {action} at {point}, rank {rank}, step {step}", flush=True)
+    if action == "exit":
+        os._exit(3)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        while True:
+            time.sleep(60)

@@ -1,0 +1,85 @@
+"""House CNNs for small images, and the pytorch/examples MNIST network as the reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MnistNet(nn.Module):
+    """The network of pytorch/examples `mnist/main.py`, returning logits."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        side = (image_size - 4) // 2
+        self.fc1 = nn.Linear(64 * side * side, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return self.fc2(x)
+
+
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
+
+
+class PhalanxCNN(nn.Module):
+    """Stem at full resolution, then two stages of two convs, each stage after a 2x pooling.
+
+    Widths (w/2, w, 2w) with w=64 by default. Most compute sits at 14x14 and 7x7, where oneDNN and
+    tensor cores are efficient; global max+mean pooling keeps the head small and translation-robust.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64):
+        super().__init__()
+        a, b, c = max(8, width // 2), width, 2 * width
+        self.stem = conv_bn(in_channels, a)
+        self.stage1 = nn.Sequential(conv_bn(a, b), conv_bn(b, b))
+        self.stage2 = nn.Sequential(conv_bn(b, c), conv_bn(c, c))
+        self.head = nn.Linear(2 * c, num_classes, bias=False)
+        self.scale = 0.125  # tempers the head's logits early in training, as in airbench
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stage1(F.max_pool2d(x, 2))
+        x = self.stage2(F.max_pool2d(x, 2))
+        x = torch.cat([F.adaptive_max_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)], 1).flatten(1)
+        return self.head(x) * self.scale
+
+
+class _Residual(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(ch, ch), conv_bn(ch, ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class PhalanxResNet(nn.Module):
+    """ResNet-9 style: conv stages with a residual pair after each pooling; for larger budgets."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64):
+        super().__init__()
+        a, b, c = width, 2 * width, 4 * width
+        self.net = nn.Sequential(
+            conv_bn(in_channels, a),
+            conv_bn(a, b), nn.MaxPool2d(2), _Residual(b),
+            conv_bn(b, c), nn.MaxPool2d(2), _Residual(c),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, num_classes, bias=False),
+        )
+        self.scale = 0.125
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale

@@ -1,0 +1,79 @@
+"""Rank 0 speaks; every rank writes run_dir/logs/rank-K.log."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines that do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def setup_logging(run_dir: Path | None, rank: int, console: bool) -> logging.Logger:
+    log = logging.getLogger("phalanx")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
+        fh.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+        log.addHandler(fh)
+    if console:
+        ch = _TqdmHandler()
+        ch.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(ch)
+    return log
+
+
+class Progress:
+    """One tqdm bar on rank 0: epoch, step, loss, img/s and ETA; a no-op elsewhere."""
+
+    def __init__(self, total_steps: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True, unit="step", file=sys.stdout,
+                        smoothing=0.05, mininterval=0.5,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+                        disable=not enabled)
+
+    def update(self, epoch: int, epochs: int, loss: float | None, img_s: float) -> None:
+        if self.bar.disable:
+            return
+        self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+        post = f"loss {loss:.4f}, " if loss is not None else ""
+        self.bar.set_postfix_str(f"{post}{img_s:,.0f} img/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsWriter:
+    """Appends one JSON object per event to run_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.t0 = time.time()
+
+    def write(self, **record) -> None:
+        if self.path is None:
+            return
+        record.setdefault("time", round(time.time() - self.t0, 3))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

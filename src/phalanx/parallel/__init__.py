@@ -1,0 +1,1 @@
+"""Parallel engine: process groups (env), launch (elastic), model wrapping (DDP), metric collectives."""

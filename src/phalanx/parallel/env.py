@@ -1,0 +1,100 @@
+"""Who am I in the run: rank, world size, local rank, device, threads; process-group set-up and teardown.
+
+Read once from the variables PyTorch's elastic launcher sets (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); nothing deeper reads the environment.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from phalanx.config import ParallelConfig
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def is_worker() -> bool:
+    """True inside a process started by torchrun / the elastic agent."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"
+    threads: int = 1
+    restart: int = 0
+    """How many times the elastic agent has restarted this group."""
+    phase: str = "starting"
+    """What this rank is doing now; named in the message when a peer fails."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1 and dist.is_initialized()
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
+        idx = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
+    """Bind the device, set CPU threads and join the process group (when there is more than one rank)."""
+    e = DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+    )
+    e.device = pick_device(device_pref, e.local_rank)
+    # ranks x threads <= cores: oversubscribed cores make every rank wait on the slowest.
+    e.threads = pcfg.threads_per_rank or max(1, usable_cores() // e.local_world)
+    torch.set_num_threads(e.threads)
+    if e.world > 1:
+        backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if e.device.type == "cuda" else "gloo")
+        kwargs = {}
+        if backend == "nccl":
+            kwargs["device_id"] = e.device  # eager NCCL init, bound to this rank's GPU
+        # The init timeout also covers slow joiners; collectives get the shorter one after the first step.
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(pcfg.init_timeout_s, pcfg.timeout_s)),
+                                **kwargs)
+        e.backend = backend
+    return e
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Shorten the process group's timeout once every rank has joined and stepped once."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private, present since 2.3
+    if dist.is_initialized() and setter is not None:
+        try:
+            setter(datetime.timedelta(seconds=seconds), None)
+        except Exception:  # backend without support: keep the init timeout
+            pass
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,134 @@
+"""Exact distributed evaluation: contiguous chunks per rank, no padding, sums all-reduced.
+
+Each chunk's loss sum lands in its own slot of a vector that is all-reduced (adding zeros is
+exact) and then summed in chunk order on every rank; correct counts are integers. So accuracy and
+loss are bit-identical for any world size, given the same per-rank thread count.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from phalanx.data.augment import Normalize
+from phalanx.data.loader import SplitOnDevice, eval_chunks, to_nchw
+from phalanx.parallel.collectives import all_reduce_sum
+from phalanx.train.precision import autocast
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk: int, world: int, rank: int,
+             amp_dtype: torch.dtype | None = None, tta_flip: bool = False) -> dict:
+    """{'loss', 'acc', 'correct', 'count'} over the whole split, identical on every rank."""
+    was_training = model.training
+    model.eval()
+    n = len(data.split)
+    n_chunks = (n + chunk - 1) // chunk
+    device = normalize.scale.device  # NCCL reduces device tensors only
+    loss_sums = torch.zeros(n_chunks, dtype=torch.float64, device=device)
+    correct = torch.zeros(1, dtype=torch.int64, device=device)
+    for c, lo, hi in eval_chunks(n, chunk, world, rank):
+        x, y = data.gather(torch.arange(lo, hi))
+        x = normalize(to_nchw(x))
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(3)).float()) * 0.5
+        loss_sums[c] = F.cross_entropy(logits.double(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    all_reduce_sum(loss_sums)
+    all_reduce_sum(correct)
+    model.train(was_training)
+    count = int(correct.item())
+    return {"loss": float(loss_sums.sum().item() / max(1, n)), "acc": count / max(1, n), "correct": count,
+            "count": n}
+
+
+# ----------------------------------------------------------------------------- saved weights
+
+def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.Module, dict]:
+    """Model rebuilt from `model.safetensors` + `model.json` (a run directory or the weights file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from phalanx.models import build_model
+    from phalanx.train.checkpoint import CheckpointError, load_into
+
+    target = Path(target)
+    weights = target / "model.safetensors" if target.is_dir() else target
+    meta_path = weights.with_suffix(".json")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: no weights file (a finished run directory holds model.safetensors)")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing; it names the model that {weights.name} belongs to")
+    meta = json.loads(meta_path.read_text())
+    try:
+        sd = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a valid safetensors file ({e})") from None
+    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                        meta.get("width", 64))
+    load_into(model, sd, weights)
+    return model.to(device or torch.device("cpu")).eval(), meta
+
+
+def eval_main(cfg, target: Path) -> dict:
+    """`phalanx eval`: evaluate saved weights on the test split of cfg.data, on this rank."""
+    from phalanx.data.sources import ensure_store, store_path_for
+    from phalanx.data.store import open_store
+    from phalanx.parallel import env as penv
+    from phalanx.parallel.collectives import barrier
+    from phalanx.train import precision
+
+    env = penv.init(cfg.parallel, cfg.device)
+    try:
+        model, meta = load_weights(target, env.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        store_path, raw = store_path_for(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install)
+        if env.local_rank == 0:
+            ensure_store(store_path, raw)
+        barrier()
+        store = open_store(store_path)
+        split = store["test" if "test" in store.splits else "val"]
+        if store.shape[2] != meta["in_channels"] or len(store.classes) != meta["num_classes"]:
+            from phalanx.data.idx import DataError
+            raise DataError(f"{store.path}: {store.shape} images with {len(store.classes)} classes do not fit "
+                            f"{target} ({meta['in_channels']} channels, {meta['num_classes']} classes)")
+        normalize = Normalize(meta["mean"], meta["std"], env.device, cfg.model.channels_last)
+        data = SplitOnDevice(split, env.device, resident=False)
+        amp = precision.autocast_dtype(cfg.precision, env.device)
+        res = evaluate(model, data, normalize, cfg.eval_batch, env.world, env.rank, amp, cfg.tta_flip)
+        res.update(weights=str(target), data=str(store.path), world=env.world)
+        if env.is_main:
+            print(json.dumps(res), flush=True)
+        return res
+    finally:
+        penv.teardown()
+
+
+@torch.no_grad()
+def predict_files(target: Path, files: list[Path], top: int = 3) -> list[dict]:
+    """Top-k classes of image files, preprocessed like the training store (size, channels)."""
+    from phalanx.data.idx import DataError
+    from phalanx.data.imageio import decode_to_uint8
+
+    model, meta = load_weights(target)
+    size, ch = meta["image_size"], meta["in_channels"]
+    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False)
+    rows = []
+    for f in files:
+        try:
+            img = decode_to_uint8(f, size, ch)  # (H, W, C) uint8
+        except Exception as e:
+            raise DataError(f"{f}: cannot decode as an image ({e})") from None
+        x = normalize(torch.from_numpy(img)[None].permute(0, 3, 1, 2))
+        p = model(x).float().softmax(1)[0]
+        k = min(top, len(p))
+        vals, idx = p.topk(k)
+        rows.append({"file": str(f), "top": [{"class": meta["classes"][i], "p": round(float(v), 4)}
+                                             for v, i in zip(vals.tolist(), idx.tolist())]})
+    return rows
