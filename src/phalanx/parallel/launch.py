@@ -29,7 +29,8 @@ def resolve_nproc(pcfg: ParallelConfig, device_pref: str) -> tuple[int, str]:
     return cores, f"one single-thread rank per CPU core ({cores} cores)"
 
 
-def launcher_argv(pcfg: ParallelConfig, nproc: int, module_args: list[str]) -> list[str]:
+def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
+    """torchrun's own flags for this run (the worker's arguments are passed separately)."""
     argv = ["--nproc-per-node", str(nproc), "--max-restarts", str(pcfg.max_restarts), "--monitor-interval", "0.5"]
     if pcfg.nnodes == 1 and not pcfg.rdzv_endpoint:
         argv += ["--standalone"]
@@ -38,18 +39,30 @@ def launcher_argv(pcfg: ParallelConfig, nproc: int, module_args: list[str]) -> l
                  "--rdzv-endpoint", pcfg.rdzv_endpoint or "127.0.0.1:29400", "--rdzv-id", pcfg.rdzv_id]
         if pcfg.node_rank >= 0:
             argv += ["--node-rank", str(pcfg.node_rank)]
-    return argv + ["-m", "phalanx"] + module_args
+    return argv + ["-m", "phalanx"]
 
 
 def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str]) -> int:
-    """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code."""
+    """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code.
+
+    Does what `torch.distributed.run.run` does (parse torchrun flags, `config_from_args`,
+    `elastic_launch`), except that the worker's arguments bypass torchrun's argparse, which
+    would otherwise claim abbreviations of its own flags such as `--nproc`.
+    """
+    import uuid
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise force 1 and print a banner
-    args = get_args_parser().parse_args(launcher_argv(pcfg, nproc, module_args))
+    args = get_args_parser().parse_args(launcher_argv(pcfg, nproc) + ["--"])
+    if args.standalone:  # as torch.distributed.run.run does for --standalone
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    config, cmd, cmd_args = config_from_args(args)
+    cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
     try:
-        run(args)
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as e:
         print(f"phalanx: the run failed\n{e}", file=sys.stderr, flush=True)
         return 1
