@@ -88,7 +88,7 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
     from phalanx.parallel import env as penv
     from phalanx.parallel.launch import launch, resolve_nproc
 
-    nproc, why = resolve_nproc(cfg.parallel, cfg.device)
+    nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum)
     if penv.is_worker() or (nproc == 1 and cfg.parallel.nnodes == 1):
         if sub == "train":
             from phalanx.train.loop import train

@@ -49,6 +49,8 @@ class ModelConfig:
     """Model from the registry (`phalanx models` lists them)."""
     width: int = 64
     """Base channel width of the house CNNs (ignored by fixed-width models)."""
+    norm: Literal["batch", "group", "none"] = "batch"
+    """Normalisation layers of the house CNNs (group: per-sample statistics, independent of the per-rank batch)."""
     channels_last: bool = True
     """Use channels-last memory format (faster convolutions on CPU and tensor cores)."""
     compile: bool = False
@@ -99,7 +101,7 @@ class AugmentConfig:
 
 @dataclass
 class ParallelConfig:
-    nproc: str = "1"
+    nproc: str = "auto"
     """Ranks on this node: a number, or `auto` (one per GPU; on CPU the measured-best layout)."""
     nnodes: int = 1
     """Number of nodes taking part in the run."""

@@ -1,8 +1,9 @@
 """Batched augmentation on the device: one gather does translation and flip for the whole batch.
 
-Random draws come from a generator seeded by (seed, epoch, step, micro-batch) and are drawn for
-the *global* micro-batch; each rank applies its slice. So the augmentation of a sample does not
-depend on how many ranks share the batch, and a resumed run replays the same draws.
+Random draws come from a generator seeded by (seed, epoch, step) and are drawn for the whole
+*global* batch; each rank applies the slice of its micro-batch part. So the augmentation of a
+sample depends neither on how many ranks share the batch nor on gradient accumulation, and a
+resumed run replays the same draws.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ class AugmentParams:
         return AugmentParams(*(t[lo:hi] for t in (self.dy, self.dx, self.flip, self.cut_y, self.cut_x)))
 
 
-def draw_params(cfg: AugmentConfig, batch: int, h: int, w: int, seed: int, epoch: int, step: int, micro: int
-                ) -> AugmentParams:
-    g = torch.Generator().manual_seed(mix_seed(seed, epoch, step, micro, 0xA06))
+def draw_params(cfg: AugmentConfig, batch: int, h: int, w: int, seed: int, epoch: int, step: int) -> AugmentParams:
+    """Augmentation draws for global batch `step` of `epoch` (`batch` = global batch size)."""
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, step, 0xA06))
     p = cfg.crop_pad
     dy = torch.randint(0, 2 * p + 1, (batch,), generator=g)
     dx = torch.randint(0, 2 * p + 1, (batch,), generator=g)

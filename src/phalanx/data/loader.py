@@ -115,11 +115,14 @@ class TrainLoader:
         """This rank's augmented micro-batches of `epoch`, from `start_step` on."""
         raw = self._prefetched(epoch, start_step) if self.prefetch else self._raw(epoch, start_step)
         s = self.sampler
+        params, params_step = None, -1
         for step, micro, x, y in raw:
-            _, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
-            params = draw_params(self.augment, s.global_batch // s.accum, self.h, self.w, self.seed, epoch, step,
-                                 micro).slice(lo, lo + length)
-            x = augment_uint8(to_nchw(x), self.augment, params)
+            start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
+            if step != params_step:
+                params, params_step = draw_params(self.augment, s.global_batch, self.h, self.w, self.seed, epoch,
+                                                  step), step
+            off = start - step * s.global_batch + lo  # this part's position within the global batch
+            x = augment_uint8(to_nchw(x), self.augment, params.slice(off, off + length))
             yield Batch(step, micro, self.normalize(x), y)
 
 

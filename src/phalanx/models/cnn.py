@@ -30,8 +30,16 @@ class MnistNet(nn.Module):
         return self.fc2(x)
 
 
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
+def norm_layer(kind: str, ch: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(ch)
+    if kind == "group":
+        return nn.GroupNorm(min(8, ch), ch)
+    return nn.Identity()
+
+
+def conv_bn(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), norm_layer(norm, cout), nn.GELU())
 
 
 class PhalanxCNN(nn.Module):
@@ -41,12 +49,12 @@ class PhalanxCNN(nn.Module):
     tensor cores are efficient; global max+mean pooling keeps the head small and translation-robust.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch"):
         super().__init__()
         a, b, c = max(8, width // 2), width, 2 * width
-        self.stem = conv_bn(in_channels, a)
-        self.stage1 = nn.Sequential(conv_bn(a, b), conv_bn(b, b))
-        self.stage2 = nn.Sequential(conv_bn(b, c), conv_bn(c, c))
+        self.stem = conv_bn(in_channels, a, norm)
+        self.stage1 = nn.Sequential(conv_bn(a, b, norm), conv_bn(b, b, norm))
+        self.stage2 = nn.Sequential(conv_bn(b, c, norm), conv_bn(c, c, norm))
         self.head = nn.Linear(2 * c, num_classes, bias=False)
         self.scale = 0.125  # tempers the head's logits early in training, as in airbench
 
@@ -59,9 +67,9 @@ class PhalanxCNN(nn.Module):
 
 
 class _Residual(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, norm: str):
         super().__init__()
-        self.body = nn.Sequential(conv_bn(ch, ch), conv_bn(ch, ch))
+        self.body = nn.Sequential(conv_bn(ch, ch, norm), conv_bn(ch, ch, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -70,13 +78,13 @@ class _Residual(nn.Module):
 class PhalanxResNet(nn.Module):
     """ResNet-9 style: conv stages with a residual pair after each pooling; for larger budgets."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch"):
         super().__init__()
         a, b, c = width, 2 * width, 4 * width
         self.net = nn.Sequential(
-            conv_bn(in_channels, a),
-            conv_bn(a, b), nn.MaxPool2d(2), _Residual(b),
-            conv_bn(b, c), nn.MaxPool2d(2), _Residual(c),
+            conv_bn(in_channels, a, norm),
+            conv_bn(a, b, norm), nn.MaxPool2d(2), _Residual(b, norm),
+            conv_bn(b, c, norm), nn.MaxPool2d(2), _Residual(c, norm),
             nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, num_classes, bias=False),
         )
         self.scale = 0.125

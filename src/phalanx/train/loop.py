@@ -108,7 +108,7 @@ class Preemption:
 def resolve_run_dir(cfg: C.Config, env: penv.DistEnv) -> Path:
     """Rank 0 picks the run directory, every rank uses that one."""
     if cfg.run_dir:
-        name = cfg.run_dir
+        name = cfg.run_dir  # all nodes take rank 0's (node 0's launcher) name below
     elif cfg.ckpt.resume:
         found = ckpt.find_latest(Path(cfg.ckpt.resume))
         p = Path(cfg.ckpt.resume)
@@ -198,7 +198,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width)
+    net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width, cfg.model.norm)
     model = wrap_model(net, cfg, env)
     plain = unwrap(model)
     optimizer = build_optimizer(plain, cfg.optim)
@@ -207,7 +207,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg.sched, s, max(1, steps_per_epoch * cfg.epochs), steps_per_epoch))
+        optimizer, lambda s: lr_factor(cfg.sched, s, max(1, total_steps), steps_per_epoch))
     amp = precision.autocast_dtype(cfg.precision, env.device)
     scaler = precision.grad_scaler(env.device, amp)
     ema = (AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
@@ -378,7 +378,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
 
     # ---- final weights, plain: loadable with load_state_dict into the model class, no prefixes
     if not stopped_early and env.is_main:
-        meta = {"model": cfg.model.name, "width": cfg.model.width, "num_classes": len(store.classes),
+        meta = {"model": cfg.model.name, "width": cfg.model.width, "norm": cfg.model.norm, "num_classes": len(store.classes),
                 "in_channels": c, "image_size": h, "classes": store.classes, "mean": store.mean, "std": store.std,
                 "ema": ema is not None}
         final_module = ema.module if ema is not None else plain

@@ -1,0 +1,36 @@
+# One command to set up and train, one to set up and test. Each target sets itself up first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.phalanx-installed
+ARGS   ?=
+
+.PHONY: run test test-fast bench setup data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# Fashion-MNIST: the Debian package when missing (root on Debian), else phalanx explains what to do.
+data: setup
+	@$(PY) -m phalanx.data.fetch
+
+run: data
+	$(VENV)/bin/phalanx train $(ARGS)
+
+test: data
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: data
+	$(PY) -m pytest -q -m "not dist and not e2e" $(ARGS)
+
+bench: data
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/time_to_accuracy.py $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache
