@@ -87,12 +87,16 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
 
 def set_collective_timeout(seconds: float) -> None:
     """Shorten the process group's timeout once every rank has joined and stepped once."""
-    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private, present since 2.3
-    if dist.is_initialized() and setter is not None:
-        try:
-            setter(datetime.timedelta(seconds=seconds), None)
-        except Exception:  # backend without support: keep the init timeout
-            pass
+    if not dist.is_initialized():
+        return
+    td = datetime.timedelta(seconds=seconds)
+    try:
+        if hasattr(dist, "set_timeout"):  # public since 2.12
+            dist.set_timeout(td)
+        elif hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # 2.3 - 2.11
+            dist.distributed_c10d._set_pg_timeout(td, None)
+    except Exception:  # a backend without support keeps the init timeout
+        pass
 
 
 def teardown() -> None:

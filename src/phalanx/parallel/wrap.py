@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -19,16 +20,21 @@ def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     if env.distributed:
         if cfg.parallel.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DDP(
-            model,
-            device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.parallel.bucket_mb,
-            # Gradients alias the all-reduce buckets: one copy less per step and less memory.
-            gradient_as_bucket_view=True,
-            # static_graph does not combine with skipped syncs (no_sync) in every torch version.
-            static_graph=cfg.parallel.static_graph and cfg.grad_accum == 1,
-            broadcast_buffers=not cfg.parallel.sync_bn,
-        )
+        kwargs = {}
+        if cfg.parallel.sync_bn:  # SyncBN keeps its statistics in sync itself
+            kwargs["broadcast_buffers"] = False
+        with warnings.catch_warnings():  # 2.14 renames broadcast_buffers; 2.11 knows only that name
+            warnings.simplefilter("ignore", FutureWarning)
+            model = DDP(
+                model,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                bucket_cap_mb=cfg.parallel.bucket_mb,
+                # Gradients alias the all-reduce buckets: one copy less per step and less memory.
+                gradient_as_bucket_view=True,
+                # static_graph does not combine with skipped syncs (no_sync) in every torch version.
+                static_graph=cfg.parallel.static_graph and cfg.grad_accum == 1,
+                **kwargs,
+            )
     if cfg.model.compile:
         model = torch.compile(model)
     return model

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,12 +149,16 @@ def train(cfg: C.Config) -> dict:
         return _train(cfg, env)
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
         if env.world > 1 and _looks_like_peer_failure(e):
-            msg = (f"phalanx: rank {env.rank} stopped while {env.phase}: another rank exited or stalled "
-                   f"({str(e).splitlines()[0][:200]}). The launcher names the failing rank; its log is in "
-                   f"RUN_DIR/logs/rank-K.log")
-            print(msg, flush=True)
             import logging
-            logging.getLogger("phalanx").error(msg)
+            import re
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]
+            msg = (f"phalanx: rank {env.rank} stopped while {env.phase}: another rank exited or stalled "
+                   f"({detail}). The launcher's report below names the failing rank; every rank's log is in "
+                   f"RUN_DIR/logs/rank-K.log")
+            log = logging.getLogger("phalanx")
+            log.error(msg)  # rank 0's console and every rank's file
+            if not env.is_main or not log.handlers:
+                print(msg, file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         raise
     finally:

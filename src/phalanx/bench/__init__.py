@@ -1,0 +1,166 @@
+"""`phalanx bench`: throughput against world size and layout, and FLOP accounting.
+
+    phalanx bench scaling [--max-world N] [--steps S] [--global_batch B] [--json FILE]
+    phalanx bench flops   [--model NAME] [--batch B] [--precision auto|bf16|fp32]
+
+Each prints a table and one JSON object (last line of stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str]) -> dict:
+    """Run a short real training and read its steady-state img/s from metrics.jsonl."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "phalanx", "train", "--nproc", str(nproc), "--threads_per_rank", str(threads),
+               "--epochs", "1", "--max_steps", str(steps), "--global_batch", str(batch), "--progress", "false",
+               "--ckpt.at_epoch_end", "false", "--run_dir", str(run_dir), *extra]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"benchmark run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rates = [x["img_s"] for x in rows if x["event"] == "train"][1:]  # first window includes warm-up
+        return {"nproc": nproc, "threads": threads, "img_s": round(sum(rates) / max(1, len(rates)), 1),
+                "wall_s": round(wall, 1)}
+
+
+def scaling(argv: list[str]) -> int:
+    from phalanx.parallel.env import usable_cores
+    p = argparse.ArgumentParser(prog="phalanx bench scaling", description="img/s for world sizes 1..N and the "
+                                "scaling efficiency; on CPU also compares process x thread layouts.")
+    cuda = torch.cuda.is_available()
+    default_n = torch.cuda.device_count() if cuda else usable_cores()
+    p.add_argument("--max-world", type=int, default=default_n, help="largest world size (default: GPUs or cores)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement")
+    p.add_argument("--global_batch", type=int, default=512, help="global batch (fixed across world sizes)")
+    p.add_argument("--json", type=Path, help="also write the JSON here")
+    p.add_argument("extra", nargs="*", help="extra `phalanx train` options, after --")
+    a = p.parse_args(argv)
+    cores = usable_cores()
+    rows = []
+    for n in range(1, a.max_world + 1):
+        threads = 1 if cuda else max(1, cores // n)
+        rows.append(_train_rate(n, threads, a.steps, a.global_batch, a.extra))
+    base = rows[0]["img_s"]
+    for r in rows:
+        r["speedup"] = round(r["img_s"] / base, 3)
+        r["efficiency"] = round(r["img_s"] / (base * r["nproc"]), 3)
+    layouts = []
+    if not cuda and cores > 1:  # same cores, split differently: processes x threads
+        layouts = [_train_rate(1, cores, a.steps, a.global_batch, a.extra),
+                   _train_rate(cores, 1, a.steps, a.global_batch, a.extra)]
+    out = {"device": "cuda" if cuda else "cpu", "cores": cores, "global_batch": a.global_batch, "steps": a.steps,
+           "torch": torch.__version__, "scaling": rows, "layouts": layouts,
+           "date": time.strftime("%Y-%m-%d")}
+    print(f"{'world':>5} {'threads':>7} {'img/s':>9} {'speedup':>8} {'efficiency':>10}")
+    for r in rows:
+        print(f"{r['nproc']:>5} {r['threads']:>7} {r['img_s']:>9,.0f} {r['speedup']:>8.2f} {r['efficiency']:>10.2f}")
+    for r in layouts:
+        print(f"layout {r['nproc']} process(es) x {r['threads']} thread(s): {r['img_s']:,.0f} img/s")
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+    return 0
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of a large square matmul on this device and dtype: the practical peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    it, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        it += 1
+    sync()
+    return 2 * n ** 3 * it / (time.perf_counter() - t0)
+
+
+def flops_per_image(model: torch.nn.Module, shape: tuple[int, int, int], batch: int = 8) -> dict:
+    """Forward and forward+backward FLOPs per image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(batch, *shape)
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    fwd = fc.get_total_flops() / batch
+    with FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()
+    return {"forward": fwd, "train": fc.get_total_flops() / batch}
+
+
+def flops(argv: list[str]) -> int:
+    from phalanx.models import build_model
+    from phalanx.train import precision
+    p = argparse.ArgumentParser(prog="phalanx bench flops", description="FLOPs per image, achieved FLOP/s in "
+                                "training steps and their fraction of a matmul peak measured in the same run.")
+    p.add_argument("--model", default="phalanx_cnn")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--batch", type=int, default=256, help="per-process batch")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--steps", type=int, default=20)
+    a = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(a.model, 10, a.channels, a.size, a.width)
+    counts = flops_per_image(model, (a.channels, a.size, a.size))
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    amp = precision.autocast_dtype(a.precision, dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(a.batch, a.channels, a.size, a.size, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (a.batch,), device=dev)
+
+    def step():
+        with precision.autocast(dev, amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync()
+    img_s = a.steps * a.batch / (time.perf_counter() - t0)
+    achieved = img_s * counts["train"]
+    peak = matmul_peak(dev, amp or torch.float32)
+    out = {"model": a.model, "device": str(dev), "threads": torch.get_num_threads(), "precision": precision.name(amp),
+           "flops_per_image_forward": counts["forward"], "flops_per_image_train": counts["train"],
+           "img_s": round(img_s, 1), "achieved_flop_s": achieved, "matmul_peak_flop_s": peak,
+           "fraction_of_peak": round(achieved / peak, 4)}
+    print(f"{a.model}: {counts['forward'] / 1e6:.1f} MFLOP/image forward, {counts['train'] / 1e6:.1f} train; "
+          f"{img_s:,.0f} img/s = {achieved / 1e9:.1f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"({precision.name(amp)}) -> {100 * achieved / peak:.1f}% of peak")
+    print(json.dumps(out))
+    return 0
+
+
+def cli(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    sub = {"scaling": scaling, "flops": flops}.get(argv[0])
+    if sub is None:
+        print(f"phalanx: error: unknown benchmark {argv[0]!r}; choose scaling or flops", file=sys.stderr)
+        return 2
+    return sub(argv[1:])
