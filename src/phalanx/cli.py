@@ -101,6 +101,7 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
     print(f"phalanx: launching {nproc} rank(s) x {threads} thread(s) per node on {cfg.parallel.nnodes} node(s) "
           f"({why})", flush=True)
     worker_argv = list(argv)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if sub == "train" and not cfg.run_dir:
         # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
         import time
@@ -108,7 +109,7 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
         if cfg.ckpt.resume:
             run_dir = Path(cfg.ckpt.resume)
         worker_argv.append(f"--run_dir={run_dir}")
-    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv)
+    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir)
 
 
 def cmd_eval(argv: list[str]) -> int:

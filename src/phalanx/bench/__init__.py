@@ -32,7 +32,8 @@ def _train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[st
         if r.returncode != 0:
             raise RuntimeError(f"benchmark run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rates = [x["img_s"] for x in rows if x["event"] == "train"][1:]  # first window includes warm-up
+        rates = [x["img_s"] for x in rows if x["event"] == "train"]
+        rates = rates[1:] or rates  # the first window includes warm-up
         return {"nproc": nproc, "threads": threads, "img_s": round(sum(rates) / max(1, len(rates)), 1),
                 "wall_s": round(wall, 1)}
 
@@ -44,7 +45,7 @@ def scaling(argv: list[str]) -> int:
     cuda = torch.cuda.is_available()
     default_n = torch.cuda.device_count() if cuda else usable_cores()
     p.add_argument("--max-world", type=int, default=default_n, help="largest world size (default: GPUs or cores)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement")
+    p.add_argument("--steps", type=int, default=90, help="optimizer steps per measurement (logged every 29)")
     p.add_argument("--global_batch", type=int, default=512, help="global batch (fixed across world sizes)")
     p.add_argument("--json", type=Path, help="also write the JSON here")
     p.add_argument("extra", nargs="*", help="extra `phalanx train` options, after --")

@@ -7,6 +7,7 @@ here spawns or watches processes by hand: restarts, failure reports and teardown
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import torch
@@ -44,7 +45,7 @@ def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
     return argv + ["-m", "phalanx"]
 
 
-def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str]) -> int:
+def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None) -> int:
     """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code.
 
     Does what `torch.distributed.run.run` does (parse torchrun flags, `config_from_args`,
@@ -53,6 +54,7 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     """
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
@@ -63,9 +65,23 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     config, cmd, cmd_args = config_from_args(args)
     cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
+    # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which
+    # finish their step, write a checkpoint and exit 0. So SIGUSR1 here becomes SIGTERM.
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as e:
         print(f"phalanx: the run failed\n{e}", file=sys.stderr, flush=True)
         return 1
+    except SignalException as e:
+        # The agent passed the signal on: each rank finished its step and wrote a checkpoint.
+        from phalanx.train.checkpoint import find_latest
+        saved = run_dir is not None and find_latest(run_dir) is not None
+        where = run_dir or "RUN_DIR"
+        print(f"phalanx: stopped by {e.sigval.name}; "
+              + (f"checkpoint written, resume with `phalanx train --resume {where}`" if saved else
+                 f"no checkpoint was written in {where}"), file=sys.stderr, flush=True)
+        return 0 if saved else 128 + int(e.sigval)
+    finally:
+        signal.signal(signal.SIGUSR1, old_usr1)
     return 0

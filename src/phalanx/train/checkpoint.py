@@ -158,7 +158,11 @@ def find_latest(run_or_ckpt: Path) -> Path | None:
     """Newest valid checkpoint under a run directory (or the checkpoint directory itself)."""
     p = Path(run_or_ckpt)
     if (p / MARKER).exists() or p.name.startswith("step-"):
-        return p
+        try:
+            verify(p)
+            return p
+        except CheckpointError:
+            return None
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if not root.is_dir():
         return None
@@ -176,6 +180,24 @@ def find_latest(run_or_ckpt: Path) -> Path | None:
         except CheckpointError:
             continue  # a write that was killed: fall back to the previous one
     return None
+
+
+def why_no_checkpoint(run_or_ckpt: Path) -> str:
+    """One line: why `find_latest` found nothing usable here."""
+    p = Path(run_or_ckpt)
+    if not p.exists():
+        return f"{p}: no such run directory or checkpoint"
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    cands = sorted(c for c in root.glob("step-*") if c.is_dir()) if not (p / MARKER).exists() else [p]
+    if not cands:
+        return f"{p}: holds no checkpoint (looked for {root}/step-*)"
+    problems = []
+    for c in cands:
+        try:
+            verify(c)
+        except CheckpointError as e:
+            problems.append(str(e))
+    return f"{p}: no valid checkpoint: " + " | ".join(problems)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -226,7 +226,14 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     # ---- resume: an explicit --resume, or a checkpoint already in this run directory
     pos = Position()
     history: list[dict] = []
-    found = ckpt.find_latest(Path(cfg.ckpt.resume)) if cfg.ckpt.resume else ckpt.find_latest(run_dir)
+    if cfg.ckpt.resume:
+        found = ckpt.find_latest(Path(cfg.ckpt.resume))
+        if found is None:  # asked for explicitly: never silently start from scratch
+            raise ckpt.CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
+    else:
+        found = ckpt.find_latest(run_dir)
+        if found is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*")):
+            log.warning(ckpt.why_no_checkpoint(run_dir) + "; starting from scratch")
     if found is not None:
         env.phase = f"loading checkpoint {found}"
         got = ckpt.load(found)
@@ -327,7 +334,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                 seen += cfg.global_batch
                 imgs_epoch += cfg.global_batch
                 shown_loss = None
-                if pos.global_step % log_every == 0 or pos.step == steps_per_epoch:
+                if pos.global_step % log_every == 0 or pos.step == steps_per_epoch or pos.global_step >= total_steps:
                     env.phase = f"reducing training metrics at step {pos.global_step}"
                     all_reduce_sum(loss_acc)
                     shown_loss = float(loss_acc[0] / loss_acc[1].clamp(min=1))
