@@ -57,10 +57,12 @@ def augment_uint8(x: torch.Tensor, cfg: AugmentConfig, params: AugmentParams) ->
     cols = cols - p
     valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (B, H, W)
     if cfg.cutout > 0:
-        half = cfg.cutout / 2
-        cy, cx = params.cut_y.to(dev), params.cut_x.to(dev)
-        in_y = ((ar_h[None, :] - cy[:, None]).abs() < half)
-        in_x = ((ar_w[None, :] - cx[:, None]).abs() < half)
+        # The square [c - k//2, c - k//2 + k) around the drawn centre: exactly k pixels a side, even k too
+        # (|i - c| < k/2 gave k-1 for even k). Parts outside the image are simply not there.
+        k = cfg.cutout
+        y0, x0 = params.cut_y.to(dev) - k // 2, params.cut_x.to(dev) - k // 2
+        in_y = ((ar_h[None, :] - y0[:, None]) >= 0) & ((ar_h[None, :] - y0[:, None]) < k)
+        in_x = ((ar_w[None, :] - x0[:, None]) >= 0) & ((ar_w[None, :] - x0[:, None]) < k)
         valid &= ~(in_y[:, :, None] & in_x[:, None, :])
     flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]  # (B, H, W)
     src = x.reshape(b, c, h * w) if x.is_contiguous() else x.contiguous().reshape(b, c, h * w)

@@ -93,12 +93,27 @@ def find_fashion_mnist(auto_install: bool, cache: Path) -> Path:
 
 
 def _cache_key(folder: Path) -> str:
-    """Stable name for the prepared copy of a raw source folder: changes when its files change."""
+    """Stable name for the prepared copy of a raw source folder: changes when its files change.
+
+    Top-level files count by size and mtime; sub-folders (ImageFolder classes, CIFAR's
+    cifar-10-batches-bin/) by their mtimes, which change whenever a file is added, removed or
+    renamed in them. That costs a directory listing, not a stat per image.
+    """
     h = hashlib.sha1(str(folder.resolve()).encode())
     for p in sorted(folder.iterdir()):
         if p.is_file():
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    seen = set()
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if dirpath != str(folder):
+            h.update(f"{os.path.relpath(dirpath, folder)}/:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
 
 

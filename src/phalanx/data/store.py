@@ -134,6 +134,11 @@ class StoreWriter:
     def __init__(self, out: str | Path, classes: list[str], shape: tuple[int, int, int], source: str,
                  options: dict | None = None):
         self.out = Path(out)
+        # commit() replaces what is at `out`: only ever an older store or an empty folder, never a
+        # folder of the user's that happens to have that name.
+        if self.out.exists() and not is_store(self.out) and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise DataError(f"{self.out}: exists and is not a prepared store; choose another output folder "
+                            f"(it would be replaced)")
         self.tmp = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -151,6 +156,34 @@ class StoreWriter:
         labels = open_memmap(self.tmp / f"{name}-labels.npy", mode="w+", dtype=np.int64, shape=(count,))
         self._open[name] = (images, labels)
         return images, labels
+
+    def shrink_split(self, name: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keep the first `count` images of a split opened with `open_split`; returns the new memmaps.
+
+        For streaming writers that allocated one slot per file and then found files they could not
+        decode. Copies in bounded chunks (a `.npy` header fixes the length, so the file is rewritten).
+        """
+        from numpy.lib.format import open_memmap
+        images, labels = self._open.pop(name)
+        if count == len(labels):
+            self._open[name] = (images, labels)
+            return images, labels
+        if not 0 <= count < len(labels):
+            raise ValueError(f"cannot shrink split {name!r} of {len(labels)} images to {count}")
+        for kind, arr in (("images", images), ("labels", labels)):
+            part = self.tmp / f"{name}-{kind}.npy.shrink"
+            new = open_memmap(part, mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:]))
+            rows = max(1, (64 << 20) // max(1, arr.itemsize * int(np.prod(arr.shape[1:]))))
+            for i in range(0, count, rows):
+                new[i:min(count, i + rows)] = arr[i:min(count, i + rows)]
+            new.flush()
+            del new
+            os.replace(part, self.tmp / f"{name}-{kind}.npy")
+        del images, labels, arr
+        im = open_memmap(self.tmp / f"{name}-images.npy", mode="r+")
+        lb = open_memmap(self.tmp / f"{name}-labels.npy", mode="r+")
+        self._open[name] = (im, lb)
+        return im, lb
 
     def add_split(self, name: str, images: np.ndarray, labels: np.ndarray) -> None:
         if images.ndim == 3:

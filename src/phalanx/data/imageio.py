@@ -1,0 +1,225 @@
+"""Decode one image file into uint8 pixels at a fixed size: the single definition of "the pixels".
+
+`phalanx data prepare`, the streaming loader and `phalanx predict` all go through `decode_chw`, so
+an image is turned into exactly the same bytes whether it was prepared, streamed or predicted.
+
+    bytes -> torchvision.io.decode_image (JPEG, PNG, GIF, WebP; palette, alpha, grayscale, 16-bit)
+          -> PIL for the rest (BMP, TIFF, PPM, ...) or when torchvision.io refuses a file
+          -> RGB uint8 -> 1 channel (PIL's integer luma formula) if asked
+          -> shorter side resized to `size` (bilinear, antialias) -> centre crop size x size
+
+Decoding always goes through RGB, and grayscale is computed here with the formula PIL uses, so a
+grayscale file gives back its own bytes and a colour file gives back `PIL.Image.convert("L")`,
+whatever decoder read it. Alpha is dropped (as `convert("RGB")` does); 16-bit samples keep their
+high byte; EXIF orientation is applied, so a photo comes out the way viewers show it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from phalanx.data.idx import DataError
+
+# Lower-case suffixes of the files an ImageFolder is made of; anything else in the tree is ignored.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif",
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call. They are
+# what this module is built on while they exist (torchvision < 0.30 is pinned); should they go,
+# the ImportError below falls back to PIL.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
+
+# PIL modes whose pixels carry no colour.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+class DecodeError(DataError):
+    """A file is not a readable image. `reason` says why, without the file name."""
+
+    def __init__(self, source: str, reason: str | None = None):
+        # One-argument form: what pickling and DataLoader's re-raise of a worker's error call.
+        super().__init__(source if reason is None else f"{source}: {reason}")
+        self.source, self.reason = source, reason if reason is not None else source
+
+
+def is_image_file(path: str | Path) -> bool:
+    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def sniff(head: bytes) -> str | None:
+    """Container format from the first bytes of a file ('jpeg', 'png', 'gif', 'webp', ...) or None."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+# Formats torchvision.io decodes itself; everything else goes straight to PIL.
+_TORCHVISION_FORMATS = frozenset({"jpeg", "png", "gif", "webp"})
+
+
+def read_encoded(source: str | Path | bytes | bytearray | memoryview | torch.Tensor) -> tuple[torch.Tensor, str]:
+    """(the encoded file as a 1-D uint8 CPU tensor, a name for messages)."""
+    if isinstance(source, torch.Tensor):
+        return source.reshape(-1).to(torch.uint8), "<tensor>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(source, dtype=np.uint8).copy()  # copy: torch wants a writable buffer
+        return torch.from_numpy(data), "<bytes>"
+    name = str(source)
+    try:
+        data = np.fromfile(name, dtype=np.uint8)
+    except OSError as e:
+        raise DecodeError(name, f"cannot read ({e.strerror or e})") from None
+    return torch.from_numpy(data), name
+
+
+def _short_error(e: BaseException) -> str:
+    # torchvision's messages start with a C++ source location: keep the part a user can act on.
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if ".cpp:" in msg:
+        msg = msg.rsplit(", ", 1)[-1]
+    return msg
+
+
+def _decode_torchvision(data: torch.Tensor) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    if img.ndim == 4:  # animated GIF: the first frame
+        img = img[0]
+    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
+
+
+def _decode_pil(data: torch.Tensor) -> torch.Tensor:
+    from PIL import Image, ImageOps
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode.startswith("I;16") or mode == "I":  # 16/32-bit integer samples: the high byte of 16 bits
+            a = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        elif mode == "F":
+            a = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        else:
+            a = np.array(im.convert("RGB"))
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+
+def decode_rgb(source: str | Path | bytes | torch.Tensor) -> torch.Tensor:
+    """Decode an encoded image to RGB uint8 (3, H, W) at its native size; DecodeError if unreadable."""
+    data, name = read_encoded(source)
+    if data.numel() == 0:
+        raise DecodeError(name, "empty file (0 bytes)")
+    fmt = sniff(data[:16].numpy().tobytes())
+    first_error = None
+    if fmt in _TORCHVISION_FORMATS:
+        try:
+            return _decode_torchvision(data)
+        except (RuntimeError, ValueError, ImportError) as e:  # e.g. a JPEG variant or WebP not built in
+            first_error = e
+    try:
+        return _decode_pil(data)
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+        err = first_error or e
+        what = f"{fmt.upper()} " if fmt else ""
+        if type(e).__name__ == "UnidentifiedImageError" and first_error is None:
+            raise DecodeError(name, "not a recognised image format") from None
+        raise DecodeError(name, f"cannot decode {what}image ({_short_error(err)})") from None
+
+
+def to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
+    """RGB uint8 (..., 3, H, W) -> `channels` (1 or 3); gray uses PIL's integer ITU-R 601-2 luma."""
+    if channels == 3 or img.shape[-3] == channels:
+        return img
+    if channels != 1:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    r, g, b = img.to(torch.int32).unbind(-3)
+    # Pillow's Convert.c: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16; the weights sum to 65536,
+    # so a gray image that was expanded to RGB comes back unchanged.
+    luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+    return luma.to(torch.uint8).unsqueeze(-3)
+
+
+def resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to `size` (bilinear, antialias), then the centre size x size; (..., C, H, W) uint8.
+
+    Sizes and crop offsets follow torchvision's Resize(size) + CenterCrop(size). `size` 0 keeps the
+    image as it is.
+    """
+    h, w = img.shape[-2:]
+    if size <= 0 or (h == size and w == size):
+        return img
+    if h <= w:
+        nh, nw = size, max(size, int(size * w / h))
+    else:
+        nh, nw = max(size, int(size * h / w)), size
+    if (nh, nw) != (h, w):
+        x = img if img.ndim == 4 else img[None]
+        if x.device.type == "cpu":  # uint8 in, uint8 out: the CPU kernel has a fast uint8 path
+            y = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        else:  # CUDA's antialiased kernel takes floating point only
+            y = torch.nn.functional.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True,
+                                                align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+        img = y if img.ndim == 4 else y[0]
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return img[..., top:top + size, left:left + size]
+
+
+def fit(img: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """RGB uint8 (..., 3, H, W) -> (..., channels, size, size), contiguous."""
+    return resize_crop(to_channels(img, channels), size).contiguous()
+
+
+def decode_chw(source: str | Path | bytes | torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """Decode and fit an image: uint8 tensor (channels, size, size); size 0 keeps the native size."""
+    return fit(decode_rgb(source), size, channels)
+
+
+def decode_to_uint8(source: str | Path | bytes | torch.Tensor, size: int, channels: int) -> np.ndarray:
+    """Decode and fit an image: uint8 array (size, size, channels), the layout of a prepared store."""
+    return decode_chw(source, size, channels).permute(1, 2, 0).contiguous().numpy()
+
+
+def probe(path: str | Path) -> tuple[int, int, bool]:
+    """(height, width, grayscale) from the file's header only, after EXIF orientation; DecodeError if
+    the header is unreadable. Cheap: used to choose a store's size and channels before decoding."""
+    from PIL import Image
+    name = str(path)
+    try:
+        if os.path.getsize(name) == 0:
+            raise DecodeError(name, "empty file (0 bytes)")
+        with Image.open(name) as im:
+            w, h = im.size
+            mode = im.mode
+            gray = mode in _GRAY_MODES
+            if mode in ("P", "PA"):
+                pal = im.getpalette() or []
+                gray = all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
+            if im.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG"):
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                    h, w = w, h
+    except DecodeError:
+        raise
+    except Exception as e:
+        if type(e).__name__ == "UnidentifiedImageError":
+            raise DecodeError(name, "not a recognised image format") from None
+        raise DecodeError(name, f"cannot read the image header ({_short_error(e)})") from None
+    return h, w, gray

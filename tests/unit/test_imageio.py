@@ -1,0 +1,161 @@
+"""imageio: one decode for prepare, streaming and predict; PIL-exact where no resize is needed."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from phalanx.data.idx import DataError
+from phalanx.data.imageio import DecodeError, decode_chw, decode_to_uint8, probe, to_channels
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+RNG = np.random.default_rng(0)
+
+
+def rgb(h, w):
+    return Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def images_in_every_mode(h=20, w=30) -> dict[str, Image.Image]:
+    base = rgb(h, w)
+    return {
+        "RGB": base,
+        "RGBA": Image.fromarray(RNG.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA"),
+        "L": Image.fromarray(RNG.integers(0, 256, (h, w), dtype=np.uint8)),
+        "LA": Image.fromarray(RNG.integers(0, 256, (h, w, 2), dtype=np.uint8), "LA"),
+        "P": base.convert("P", palette=Image.Palette.ADAPTIVE, colors=40),
+        "1": Image.fromarray(RNG.integers(0, 2, (h, w), dtype=np.uint8) * 255).convert("1"),
+    }
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1"])
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "GIF", "WEBP"])
+def test_lossless_files_decode_exactly_like_pil(tmp_path, mode, fmt):
+    img = images_in_every_mode()[mode]
+    if fmt == "BMP" and mode in ("LA", "RGBA"):
+        img = img.convert("RGB")
+    if fmt == "GIF":
+        img = img.convert("P") if mode not in ("P", "L", "1") else img
+    path = tmp_path / f"x.{fmt.lower()}"
+    img.save(path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    with Image.open(path) as ref:
+        want_rgb, want_l = np.asarray(ref.convert("RGB")), np.asarray(ref.convert("L"))
+    got = decode_to_uint8(path, 0, 3)
+    assert got.dtype == np.uint8 and got.shape == want_rgb.shape
+    np.testing.assert_array_equal(got, want_rgb)
+    if fmt != "WEBP" or mode not in ("RGBA", "LA"):  # PIL's RGBA->L of WebP goes through another path
+        np.testing.assert_array_equal(decode_to_uint8(path, 0, 1)[..., 0], want_l)
+
+
+def test_png_palette_with_transparency_and_square_native_size(tmp_path):
+    img = rgb(24, 24).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    img.save(tmp_path / "p.png", transparency=3)
+    want = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    np.testing.assert_array_equal(decode_to_uint8(tmp_path / "p.png", 24, 3), want)  # size == native: no resize
+
+
+def test_16_bit_png_keeps_the_high_byte(tmp_path):
+    a = RNG.integers(0, 65536, (10, 12), dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "x.png")
+    got = decode_to_uint8(tmp_path / "x.png", 0, 1)[..., 0]
+    np.testing.assert_array_equal(got, (a >> 8).astype(np.uint8))
+    got3 = decode_to_uint8(tmp_path / "x.png", 0, 3)
+    assert (got3 == got[..., None]).all()
+
+
+def test_jpeg_gray_and_color_close_to_pil(tmp_path):
+    for name, img in (("c.jpg", rgb(30, 40)), ("g.jpg", images_in_every_mode()["L"])):
+        img.save(tmp_path / name, quality=90)
+        ref = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
+        got = decode_to_uint8(tmp_path / name, 0, 3).astype(int)
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 2  # two builds of libjpeg-turbo
+
+
+def test_gray_jpeg_round_trips_through_rgb_unchanged(tmp_path):
+    Image.fromarray(RNG.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "g.jpg")
+    three = decode_to_uint8(tmp_path / "g.jpg", 0, 3)
+    one = decode_to_uint8(tmp_path / "g.jpg", 0, 1)
+    assert (three[..., 0] == three[..., 1]).all() and (three[..., 0] == three[..., 2]).all()
+    np.testing.assert_array_equal(one[..., 0], three[..., 0])
+
+
+def test_luma_formula_is_pils():
+    a = RNG.integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(a).convert("L"))
+    got = to_channels(torch.from_numpy(a).permute(2, 0, 1), 1)[0].numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("h,w", [(40, 60), (60, 40), (33, 33), (10, 14)])
+def test_resize_shorter_side_and_centre_crop_match_torchvision(tmp_path, h, w):
+    import torchvision.transforms.v2.functional as TF
+    img = rgb(h, w)
+    img.save(tmp_path / "x.png")
+    got = decode_chw(tmp_path / "x.png", 24, 3)
+    t = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    want = TF.center_crop(TF.resize(t, [24], antialias=True), [24, 24])  # torchvision's uint8 kernel
+    assert got.shape == (3, 24, 24) and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_bytes_path_and_tensor_inputs_agree(tmp_path):
+    rgb(20, 25).save(tmp_path / "x.jpg")
+    data = (tmp_path / "x.jpg").read_bytes()
+    a = decode_to_uint8(tmp_path / "x.jpg", 16, 3)
+    np.testing.assert_array_equal(a, decode_to_uint8(data, 16, 3))
+    np.testing.assert_array_equal(a, decode_to_uint8(torch.frombuffer(bytearray(data), dtype=torch.uint8), 16, 3))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = rgb(20, 40)  # landscape pixels, tagged "rotate 90 CW" (orientation 6): viewers show it portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    assert decode_to_uint8(tmp_path / "r.jpg", 0, 3).shape == (40, 20, 3)
+    assert probe(tmp_path / "r.jpg")[:2] == (40, 20)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"hello, I am text", "not a recognised image format"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "cannot"),
+])
+def test_unreadable_files_raise_decode_error_naming_the_file(tmp_path, content, reason):
+    p = tmp_path / "bad.png"
+    p.write_bytes(content)
+    with pytest.raises(DecodeError) as e:
+        decode_to_uint8(p, 16, 3)
+    assert str(p) in str(e.value) and reason in e.value.reason
+    assert isinstance(e.value, DataError)
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    rgb(64, 64).save(tmp_path / "x.jpg", quality=95)
+    data = (tmp_path / "x.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DecodeError):
+        decode_to_uint8(tmp_path / "t.jpg", 16, 3)
+
+
+def test_probe_reports_size_and_grayness(tmp_path):
+    modes = images_in_every_mode(12, 18)
+    for m, img in modes.items():
+        img.save(tmp_path / f"{m}.png")
+        h, w, gray = probe(tmp_path / f"{m}.png")
+        assert (h, w) == (12, 18)
+        assert gray == (m in ("L", "LA", "1")), m
+    gray_palette = modes["L"].convert("P")  # a palette of grays only
+    gray_palette.save(tmp_path / "gp.png")
+    assert probe(tmp_path / "gp.png")[2]
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(DecodeError, match="0 bytes"):
+        probe(tmp_path / "zero.png")
+
+
+def test_decode_error_survives_pickling_and_one_argument_construction():
+    import pickle
+    e = pickle.loads(pickle.dumps(DecodeError("a.png", "broken")))
+    assert str(e) == "a.png: broken"
+    assert str(DecodeError("whole message")) == "whole message"
