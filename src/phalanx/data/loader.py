@@ -81,23 +81,28 @@ class TrainLoader:
         stream = torch.cuda.Stream(self.device)
         stop = threading.Event()
 
+        def put(obj) -> bool:
+            # Every put gives up once the consumer has gone (an epoch cut short by max_steps or an
+            # error): a plain put on a full queue would block this thread forever.
+            while not stop.is_set():
+                try:
+                    q.put(obj, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work():
             try:
                 with torch.cuda.stream(stream):
                     for item in self._raw(epoch, start_step):
                         ev = torch.cuda.Event()
                         ev.record(stream)
-                        while not stop.is_set():
-                            try:
-                                q.put((item, ev), timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
+                        if not put((item, ev)):
                             return
-                q.put(None)
+                put(None)
             except BaseException as e:  # surface loader errors in the training thread
-                q.put(e)
+                put(e)
 
         t = threading.Thread(target=work, daemon=True, name="phalanx-prefetch")
         t.start()
@@ -106,7 +111,13 @@ class TrainLoader:
                 if isinstance(got, BaseException):
                     raise got
                 item, ev = got
-                torch.cuda.current_stream(self.device).wait_event(ev)
+                cur = torch.cuda.current_stream(self.device)
+                cur.wait_event(ev)
+                # The batch was allocated on the side stream: without this, its memory returns to that
+                # stream's pool when the step drops it and a later prefetch may overwrite it while
+                # kernels queued on this stream still read it.
+                for t_ in item[2:]:
+                    t_.record_stream(cur)
                 yield item
         finally:
             stop.set()

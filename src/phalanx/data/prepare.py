@@ -640,7 +640,7 @@ def _parser() -> argparse.ArgumentParser:
         "  CIFAR-10/100 binary version (data_batch_1.bin ... test_batch.bin, or train.bin + test.bin,\n"
         "    or the folder holding cifar-10-batches-bin/); the python (pickle) version is refused\n"
         "  an ImageFolder: SRC/<class>/**/<image>; or SRC/train/<class>/... with SRC/val/ or SRC/test/.\n"
-        "    Without split folders a stratified 10%% test split is held out (deterministic).\n"
+        "    Without split folders a stratified 10% test split is held out (deterministic).\n"
         "    JPEG, PNG, BMP, GIF, WebP, TIFF, PPM; any size and mode; other files are ignored.\n\n"
         "Images are resized (shorter side to --size, bilinear, antialias) and centre-cropped.\n"
         "Re-running with the same source and options returns the existing store; an interrupted\n"
