@@ -39,7 +39,8 @@ def norm_layer(kind: str, ch: int) -> nn.Module:
 
 
 def conv_bn(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), norm_layer(norm, cout), nn.GELU())
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), norm_layer(norm, cout),
+                         nn.ReLU(inplace=True))
 
 
 class PhalanxCNN(nn.Module):

@@ -71,6 +71,7 @@ class MetricsWriter:
         if self.path is None:
             return
         record.setdefault("time", round(time.time() - self.t0, 3))
+        record.setdefault("unix_time", round(time.time(), 3))  # lets benchmarks time from process start
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

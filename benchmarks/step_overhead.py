@@ -1,0 +1,84 @@
+"""Per-step overhead of Phalanx against the same model, batch and precision in a plain PyTorch loop.
+
+The plain loop trains on a uint8 tensor already in memory (gather, float, normalise: no augmentation);
+Phalanx runs `phalanx train --nproc 1` with augmentation, logging, progress accounting and the
+preemption check. Both use the same threads. Prints a table and JSON.
+
+    python benchmarks/step_overhead.py [--steps 80] [--batch 512] [--threads 2] [--width 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def plain(steps: int, batch: int, width: int, threads: int) -> float:
+    from phalanx.data.sources import load_store
+    from phalanx.models import build_model
+    torch.set_num_threads(threads)
+    store = load_store("fashion_mnist")
+    images = torch.from_numpy(store["train"].images[:]).permute(0, 3, 1, 2)  # uint8, NCHW view, channels-last
+    labels = torch.from_numpy(store["train"].labels[:])
+    model = build_model("phalanx_cnn", 10, 1, 28, width).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(0, len(labels), (batch,), generator=g)
+        x = ((images[idx].float() / 255 - 0.286) / 0.353).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), labels[idx], label_smoothing=0.1).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def phalanx(steps: int, batch: int, width: int, threads: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        r = subprocess.run([sys.executable, "-m", "phalanx", "train", "--nproc", "1", "--threads_per_rank",
+                            str(threads), "--epochs", "1", "--max_steps", str(steps + 29), "--global_batch",
+                            str(batch), "--model.width", str(width), "--progress", "false", "--ckpt.at_epoch_end",
+                            "false", "--run_dir", str(run_dir), "--precision", "bf16"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rates = [x["img_s"] for x in rows if x["event"] == "train"][1:]  # the first window includes warm-up
+        return sum(rates) / len(rates)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    ph = phalanx(a.steps, a.batch, a.width, a.threads)
+    pl = plain(a.steps, a.batch, a.width, a.threads)
+    overhead = (pl - ph) / pl
+    out = {"plain_img_s": round(pl, 1), "phalanx_img_s": round(ph, 1), "overhead": round(overhead, 4),
+           "batch": a.batch, "width": a.width, "threads": a.threads, "date": time.strftime("%Y-%m-%d"),
+           "torch": torch.__version__}
+    print(f"plain PyTorch {pl:,.0f} img/s | phalanx {ph:,.0f} img/s | overhead {100 * overhead:+.1f}%")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

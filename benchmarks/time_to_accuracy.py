@@ -1,0 +1,142 @@
+"""Time to 92/93/94% test accuracy on Fashion-MNIST: Phalanx's default recipe vs the pytorch/examples
+recipe written plainly in PyTorch and in Lightning. Same data, same machine, each in a fresh process.
+
+    python benchmarks/time_to_accuracy.py [--runs 3] [--ref-epochs 6] [--skip-lightning] [-- PHALANX ARGS]
+
+Wall time counts from the start of each process to the end of the evaluation that first reached the
+target (start-up, data preparation and evaluation included). Prints a table and JSON, writes
+benchmarks/results/time_to_accuracy.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = (0.92, 0.93, 0.94)
+DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_phalanx(extra: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "phalanx", "train", "--progress", "false", "--run_dir",
+                            str(run_dir), "--ckpt.at_epoch_end", "false", *extra], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{"epoch": x["epoch"], "acc": x["acc"], "wall_s": x["unix_time"] - t0, "img_s": x["train_img_s"]}
+                for x in rows if x["event"] == "eval"]
+
+
+def run_reference(script: str, epochs: int) -> list[dict]:
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(HERE / script), "--data", str(DATA), "--epochs", str(epochs)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
+    rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    return [{"epoch": x["epoch"], "acc": x["acc"], "wall_s": x["unix_time"] - t0, "img_s": x["img_s"]} for x in rows]
+
+
+def summarize(curve: list[dict]) -> dict:
+    out = {}
+    for t in TARGETS:
+        hit = next((c["wall_s"] for c in curve if c["acc"] >= t), None)
+        out[f"to_{round(t * 100)}"] = None if hit is None else round(hit, 1)
+    out["final_acc"] = curve[-1]["acc"] if curve else None
+    out["total_s"] = round(curve[-1]["wall_s"], 1) if curve else None
+    out["img_s"] = round(statistics.mean(c["img_s"] for c in curve), 1) if curve else None
+    return out
+
+
+def median_of(results: list[dict]) -> dict:
+    keys = results[0].keys()
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in results]
+        out[k] = None if any(v is None for v in vals) else round(statistics.median(vals), 4)
+    return out
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        ax.plot([c["wall_s"] for c in curve], [100 * c["acc"] for c in curve], marker="o", label=name)
+    for t in TARGETS:
+        ax.axhline(100 * t, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("wall time from process start (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(85, 95.5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Fashion-MNIST time to accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=1, help="runs of each (median reported)")
+    p.add_argument("--ref-epochs", type=int, default=6, help="epochs of the references (92%% needs ~5)")
+    p.add_argument("--skip-lightning", action="store_true")
+    p.add_argument("--skip-references", action="store_true")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("phalanx_args", nargs="*")
+    a = p.parse_args()
+    contenders = {"phalanx": lambda: run_phalanx(a.phalanx_args)}
+    if not a.skip_references:
+        contenders["plain_pytorch"] = lambda: run_reference("reference_plain.py", a.ref_epochs)
+        if not a.skip_lightning and importlib.util.find_spec("lightning"):
+            contenders["lightning"] = lambda: run_reference("reference_lightning.py", a.ref_epochs)
+    results, curves = {}, {}
+    for name, fn in contenders.items():
+        summaries = []
+        for i in range(a.runs):
+            print(f"running {name} ({i + 1}/{a.runs})...", file=sys.stderr, flush=True)
+            curve = fn()
+            summaries.append(summarize(curve))
+            curves.setdefault(name, curve)
+        results[name] = dict(median_of(summaries), runs=summaries)
+    plain = results.get("plain_pytorch")
+    for name, r in results.items():
+        if plain:
+            for t in TARGETS:
+                k = f"to_{round(t * 100)}"
+                r[f"speedup_{k}"] = (round(plain[k] / r[k], 2) if plain.get(k) and r.get(k) else None)
+    import torch
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+           "cores": os.cpu_count(), "torch": torch.__version__, "runs": a.runs,
+           "phalanx_args": a.phalanx_args, "results": results}
+
+    def fmt(v, unit=""):
+        return "-" if v is None else f"{v}{unit}"
+    print(f"{'':14s} {'to 92%':>8s} {'to 93%':>8s} {'to 94%':>8s} {'final':>7s} {'img/s':>8s} {'x plain@92':>10s}")
+    for name, r in results.items():
+        print(f"{name:14s} {fmt(r['to_92'], 's'):>8s} {fmt(r['to_93'], 's'):>8s} {fmt(r['to_94'], 's'):>8s} "
+              f"{100 * r['final_acc']:6.2f}% {r['img_s']:>8,.0f} {fmt(r.get('speedup_to_92'), 'x'):>10s}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "time_to_accuracy.json").write_text(json.dumps(dict(out, curves=curves), indent=1))
+    plot(curves, a.out / "time_to_accuracy.png")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
