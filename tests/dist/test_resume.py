@@ -42,7 +42,7 @@ def reference(tmp_path_factory, cache_dir, small_idx):
     """Uninterrupted runs: 1 rank and 2 ranks (BatchNorm), 1 rank with GroupNorm."""
     out = tmp_path_factory.mktemp("reference")
     refs = {}
-    for name, nproc, extra in (("1", 1, ()), ("2", 2, ()), ("1g", 1, ("--model.norm", "group"))):
+    for name, nproc, extra in (("1", 1, ()), ("2", 2, ()), ("1g", 1, ("--model.norm", "group", "--model.act", "gelu"))):
         r = run_phalanx(cmd(small_idx, out / name, nproc, *extra), cache_dir)
         assert r.returncode == 0, r.stdout + r.stderr
         refs[name] = out / name
@@ -81,14 +81,14 @@ def test_sigkill_of_a_rank_under_elastic_restarts_matches_uninterrupted(referenc
 
 def test_checkpoint_of_2_ranks_resumes_on_1_and_3_ranks(reference, cache_dir, small_idx, tmp_path):
     src = tmp_path / "two"
-    r = run_phalanx(cmd(small_idx, src, 2, "--model.norm", "group"), cache_dir,
+    r = run_phalanx(cmd(small_idx, src, 2, "--model.norm", "group", "--model.act", "gelu"), cache_dir,
                     env_extra={"PHALANX_FAULT": "step:0:7:term"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (src / "checkpoints" / "step-00000007").is_dir()
     for n in (1, 3):
         dst = tmp_path / f"to{n}"
         shutil.copytree(src, dst)
-        r = run_phalanx(cmd(small_idx, dst, n, "--model.norm", "group"), cache_dir)
+        r = run_phalanx(cmd(small_idx, dst, n, "--model.norm", "group", "--model.act", "gelu"), cache_dir)
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"written by 2 ranks, now {n}" in (dst / "logs" / "rank-0.log").read_text()
         # Same global batch, same data order, same augmentation: the maths of the 1-rank run.

@@ -1,4 +1,4 @@
-"""Model registry: name -> builder(num_classes, in_channels, image_size, width, norm) -> nn.Module."""
+"""Model registry: name -> builder(num_classes, in_channels, image_size, width, norm, act) -> nn.Module."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,14 +8,14 @@ import torch.nn as nn
 from phalanx.models.cnn import MnistNet, PhalanxCNN, PhalanxResNet
 from phalanx.models.tv import TORCHVISION_MODELS, torchvision_model
 
-Builder = Callable[[int, int, int, int, str], nn.Module]
+Builder = Callable[[int, int, int, int, str, str], nn.Module]
 
 MODELS: dict[str, Builder] = {
-    "mnist_net": lambda nc, ic, size, width, norm: MnistNet(nc, ic, size),
-    "phalanx_cnn": lambda nc, ic, size, width, norm: PhalanxCNN(nc, ic, width, norm),
-    "phalanx_resnet": lambda nc, ic, size, width, norm: PhalanxResNet(nc, ic, width, norm),
+    "mnist_net": lambda nc, ic, size, width, norm, act: MnistNet(nc, ic, size),
+    "phalanx_cnn": lambda nc, ic, size, width, norm, act: PhalanxCNN(nc, ic, width, norm, act),
+    "phalanx_resnet": lambda nc, ic, size, width, norm, act: PhalanxResNet(nc, ic, width, norm, act),
 }
-MODELS.update({name: (lambda n: lambda nc, ic, size, width, norm: torchvision_model(n, nc, ic))(name)
+MODELS.update({name: (lambda n: lambda nc, ic, size, width, norm, act: torchvision_model(n, nc, ic))(name)
                for name in TORCHVISION_MODELS})
 
 DESCRIPTIONS = {
@@ -27,5 +27,5 @@ DESCRIPTIONS.update({n: f"torchvision {n} (random init), input channels adapted"
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int, width: int = 64,
-                norm: str = "batch") -> nn.Module:
-    return MODELS[name](num_classes, in_channels, image_size, width, norm)
+                norm: str = "batch", act: str = "relu") -> nn.Module:
+    return MODELS[name](num_classes, in_channels, image_size, width, norm, act)

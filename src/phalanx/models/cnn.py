@@ -38,9 +38,12 @@ def norm_layer(kind: str, ch: int) -> nn.Module:
     return nn.Identity()
 
 
-def conv_bn(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}
+
+
+def conv_bn(cin: int, cout: int, norm: str = "batch", act: str = "relu") -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), norm_layer(norm, cout),
-                         nn.ReLU(inplace=True))
+                         ACTIVATIONS[act]())
 
 
 class PhalanxCNN(nn.Module):
@@ -50,12 +53,13 @@ class PhalanxCNN(nn.Module):
     tensor cores are efficient; global max+mean pooling keeps the head small and translation-robust.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch"):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch",
+                 act: str = "relu"):
         super().__init__()
         a, b, c = max(8, width // 2), width, 2 * width
-        self.stem = conv_bn(in_channels, a, norm)
-        self.stage1 = nn.Sequential(conv_bn(a, b, norm), conv_bn(b, b, norm))
-        self.stage2 = nn.Sequential(conv_bn(b, c, norm), conv_bn(c, c, norm))
+        self.stem = conv_bn(in_channels, a, norm, act)
+        self.stage1 = nn.Sequential(conv_bn(a, b, norm, act), conv_bn(b, b, norm, act))
+        self.stage2 = nn.Sequential(conv_bn(b, c, norm, act), conv_bn(c, c, norm, act))
         self.head = nn.Linear(2 * c, num_classes, bias=False)
         self.scale = 0.125  # tempers the head's logits early in training, as in airbench
 
@@ -68,9 +72,9 @@ class PhalanxCNN(nn.Module):
 
 
 class _Residual(nn.Module):
-    def __init__(self, ch: int, norm: str):
+    def __init__(self, ch: int, norm: str, act: str):
         super().__init__()
-        self.body = nn.Sequential(conv_bn(ch, ch, norm), conv_bn(ch, ch, norm))
+        self.body = nn.Sequential(conv_bn(ch, ch, norm, act), conv_bn(ch, ch, norm, act))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -79,13 +83,14 @@ class _Residual(nn.Module):
 class PhalanxResNet(nn.Module):
     """ResNet-9 style: conv stages with a residual pair after each pooling; for larger budgets."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch"):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch",
+                 act: str = "relu"):
         super().__init__()
         a, b, c = width, 2 * width, 4 * width
         self.net = nn.Sequential(
-            conv_bn(in_channels, a, norm),
-            conv_bn(a, b, norm), nn.MaxPool2d(2), _Residual(b, norm),
-            conv_bn(b, c, norm), nn.MaxPool2d(2), _Residual(c, norm),
+            conv_bn(in_channels, a, norm, act),
+            conv_bn(a, b, norm, act), nn.MaxPool2d(2), _Residual(b, norm, act),
+            conv_bn(b, c, norm, act), nn.MaxPool2d(2), _Residual(c, norm, act),
             nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, num_classes, bias=False),
         )
         self.scale = 0.125

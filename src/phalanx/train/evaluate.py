@@ -70,7 +70,7 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a valid safetensors file ({e})") from None
     model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                        meta.get("width", 64), meta.get("norm", "batch"))
+                        meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"))
     load_into(model, sd, weights)
     return model.to(device or torch.device("cpu")).eval(), meta
 

@@ -203,7 +203,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width, cfg.model.norm)
+    net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width, cfg.model.norm, cfg.model.act)
     model = wrap_model(net, cfg, env)
     plain = unwrap(model)
     optimizer = build_optimizer(plain, cfg.optim)
@@ -390,7 +390,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
 
     # ---- final weights, plain: loadable with load_state_dict into the model class, no prefixes
     if not stopped_early and env.is_main:
-        meta = {"model": cfg.model.name, "width": cfg.model.width, "norm": cfg.model.norm, "num_classes": len(store.classes),
+        meta = {"model": cfg.model.name, "width": cfg.model.width, "norm": cfg.model.norm, "act": cfg.model.act, "num_classes": len(store.classes),
                 "in_channels": c, "image_size": h, "classes": store.classes, "mean": store.mean, "std": store.std,
                 "ema": ema is not None}
         final_module = ema.module if ema is not None else plain
