@@ -81,6 +81,9 @@ def cmd_train(argv: list[str]) -> int:
     if pos:
         return _fail(f"unexpected argument {pos[0]!r} (options look like --optim.lr=0.1)")
     cfg = C.build_config(recipe, pairs)  # ConfigError -> exit 2 before anything is written
+    if cfg.data.path not in ("fashion_mnist", "fashion-mnist"):
+        from phalanx.data.sources import store_path_for
+        store_path_for(cfg.data.path, cfg.data.cache_dir, auto_install=False)  # DataError before any run dir
     return _run_or_launch("train", cfg, argv)
 
 
@@ -117,7 +120,9 @@ def cmd_eval(argv: list[str]) -> int:
     if want_help or not pos:
         print("usage: phalanx eval RUN_DIR|WEIGHTS.safetensors [--data X] [--nproc N] [--eval_batch N] "
               "[--tta_flip=false] [--KEY=VALUE]...\n\nEvaluate saved weights on the test split of --data "
-              "(default: the data the run trained on). Prints accuracy and loss as JSON; identical for any --nproc.")
+              "(default: the data the run trained on). Prints accuracy and loss as JSON; identical for any --nproc.\n"
+              "Every `phalanx train` option applies (see `phalanx train --help`), e.g. --precision, "
+              "--threads_per_rank, --parallel.*.")
         return 0 if want_help else 2
     target = Path(pos[0])
     run_dir = target if target.is_dir() else target.parent
