@@ -19,6 +19,10 @@ def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     if env.distributed:
         if cfg.parallel.sync_bn:
+            if env.device.type == "cpu":
+                from phalanx.config import ConfigError
+                raise ConfigError("parallel.sync_bn=True: PyTorch's SyncBatchNorm runs on GPUs only; on CPU use "
+                                  "--model.norm=group for statistics independent of the per-rank batch")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         kwargs = {}
         if cfg.parallel.sync_bn:  # SyncBN keeps its statistics in sync itself
