@@ -67,11 +67,11 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(reference, cache_dir, small_
 def test_sigkill_of_a_rank_under_elastic_restarts_matches_uninterrupted(reference, cache_dir, small_idx, tmp_path):
     run_dir = tmp_path / "run"
     r = run_phalanx(cmd(small_idx, run_dir, 2, "--max-restarts", "3", "--ckpt.every_steps", "3",
-                        "--parallel.timeout_s", "20"), cache_dir, env_extra={"PHALANX_FAULT": "step:1:8:kill"})
+                        "--parallel.timeout_s", "20", "--parallel.init_timeout_s", "60"), cache_dir,
+                    env_extra={"PHALANX_FAULT": "step:1:8:kill"})
     assert r.returncode == 0, r.stdout + r.stderr
     log0 = (run_dir / "logs" / "rank-0.log").read_text()
-    import re
-    assert re.search(r"restart [1-3]\n", log0), r.stdout  # the agent restarted the group
+    assert "restart 1\n" in log0, r.stdout  # the agent restarted the group once, and that attempt ran
     assert "resumed from" in log0 and "step-00000006" in log0
     assert_same_weights(reference["2"], run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -60,6 +60,9 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     from torch.distributed.run import config_from_args, get_args_parser
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise force 1 and print a banner
+    # Workers sharing the rendezvous TCPStore can read the previous attempt's keys after an elastic
+    # restart and hang in process-group init (pytorch/pytorch#135712): give each attempt its own store.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = get_args_parser().parse_args(launcher_argv(pcfg, nproc) + ["--"])
     if args.standalone:  # as torch.distributed.run.run does for --standalone
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
