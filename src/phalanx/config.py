@@ -47,7 +47,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "phalanx_cnn"
     """Model from the registry (`phalanx models` lists them)."""
-    width: int = 64
+    width: int = 32
     """Base channel width of the house CNNs (ignored by fixed-width models)."""
     norm: Literal["batch", "group", "none"] = "batch"
     """Normalisation layers of the house CNNs (group: per-sample statistics, independent of the per-rank batch)."""
@@ -147,9 +147,9 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    epochs: int = 8
+    epochs: int = 10
     """Training epochs."""
-    global_batch: int = 512
+    global_batch: int = 256
     """Images per optimizer step summed over all ranks (and accumulation micro-steps)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step; gradients are all-reduced only on the last one."""
@@ -161,7 +161,7 @@ class Config:
     """Seed of the data order, the augmentations and the initial weights."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Autocast dtype (auto: bf16 where the CPU or GPU has it, else fp32)."""
-    ema: float = 0.0
+    ema: float = 0.98
     """Decay of an exponential moving average of the weights, evaluated instead of the raw weights (0: off)."""
     tta_flip: bool = True
     """Evaluate on each image and its mirror image and average the logits."""

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, cache_dir, fashion_available):
     out = tmp_path_factory.mktemp("runs")
-    r = run_phalanx(["train", "--nproc", "1", "--epochs", "1", "--max_steps", "90", "--global_batch", "256",
-                     "--optim.lr", "0.2", "--progress", "false", "--out_dir", out], cache_dir)
+    r = run_phalanx(["train", "--nproc", "1", "--epochs", "1", "--max_steps", "160", "--global_batch", "256",
+                     "--optim.lr", "0.2", "--ema", "0", "--progress", "false", "--out_dir", out], cache_dir)
     assert r.returncode == 0, r.stdout + r.stderr
     run_dir = Path(next(p for p in out.iterdir() if p.is_dir()))
     return run_dir, r.stdout

@@ -8,7 +8,7 @@ def test_default_recipe_resolves_and_validates():
     cfg = C.build_config(None, [])
     assert cfg.model.name == "phalanx_cnn"
     assert cfg.data.path == "fashion_mnist"
-    assert cfg.global_batch == 512
+    assert cfg.global_batch == 256
 
 
 def test_overrides_dotted_and_leaf_names_and_types():
