@@ -5,6 +5,7 @@ ToTensor + Normalize. After each epoch prints one JSON line: epoch, test accurac
 Usage: python benchmarks/reference_plain.py --data /usr/share/datasets/fashion-mnist --epochs 6
 """
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -43,12 +44,15 @@ class Net(nn.Module):
 
 
 def torchvision_root(idx_folder: Path) -> Path:
-    """A root in torchvision's layout (FashionMNIST/raw/...) pointing at the given idx files."""
+    """A root in torchvision's layout (FashionMNIST/raw/, uncompressed) holding the given idx files."""
     root = Path(tempfile.mkdtemp(prefix="fmnist-tv-"))
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for f in idx_folder.iterdir():
-        os.symlink(f, raw / f.name)
+        if f.suffix == ".gz":
+            (raw / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
+        else:
+            os.symlink(f, raw / f.name)
     return root
 
 

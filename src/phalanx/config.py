@@ -177,6 +177,8 @@ class Config:
     """Draw a progress bar on rank 0 (log lines are written either way)."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0: no limit); used by tests and benchmarks."""
+    log_samples: bool = False
+    """Write the dataset indices each rank trained on to logs/samples-rank-K.jsonl (an audit of the sharding)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -148,3 +148,21 @@ def test_a_rank_that_dies_or_stalls_stops_the_run_with_a_message(cache_dir, smal
         # rank 0 waited for the stalled rank 1 in a collective and says what it was doing
         assert "rank 0 stopped while" in out
     assert not (run_dir / "model.safetensors").exists()
+
+
+def test_no_sample_is_seen_twice_in_an_epoch_across_3_ranks(cache_dir, small_idx, tmp_path):
+    # 600 images, global batch 64 over 3 ranks (21/21/22 per step): 9 steps per epoch, 24-image tail.
+    r, run_dir = train(cache_dir, small_idx, tmp_path, 3, "--log_samples", "true", "--epochs", "2", steps=0,
+                       batch=64)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = {}  # epoch -> list of indices over all ranks
+    for k in range(3):
+        for line in (run_dir / "logs" / f"samples-rank-{k}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            assert len(row["idx"]) in (21, 22)
+            seen.setdefault(row["epoch"], []).extend(row["idx"])
+    assert sorted(seen) == [0, 1]
+    for epoch, idx in seen.items():
+        assert len(idx) == 9 * 64 and len(set(idx)) == len(idx), f"epoch {epoch}: duplicates"
+        assert set(idx) <= set(range(600))
+    assert seen[0] != seen[1]  # a new permutation every epoch

@@ -28,6 +28,7 @@ class Batch:
     micro: int
     x: torch.Tensor   # float, normalised, on the device
     y: torch.Tensor   # int64 labels on the device
+    idx: torch.Tensor  # dataset indices of these images (CPU), for audits
 
 
 def to_nchw(images_nhwc: torch.Tensor) -> torch.Tensor:
@@ -71,10 +72,11 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.sampler.steps
 
-    def _raw(self, epoch: int, start_step: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def _raw(self, epoch: int, start_step: int
+             ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         for step, micro, idx in self.sampler.epoch(epoch, start_step):
             x, y = self.source.gather(idx, pin=self.prefetch)
-            yield step, micro, x, y
+            yield step, micro, idx, x, y
 
     def _prefetched(self, epoch: int, start_step: int):
         q: queue.Queue = queue.Queue(maxsize=2)
@@ -116,7 +118,7 @@ class TrainLoader:
                 # The batch was allocated on the side stream: without this, its memory returns to that
                 # stream's pool when the step drops it and a later prefetch may overwrite it while
                 # kernels queued on this stream still read it.
-                for t_ in item[2:]:
+                for t_ in item[3:]:  # x, y (idx stays on the host)
                     t_.record_stream(cur)
                 yield item
         finally:
@@ -127,14 +129,14 @@ class TrainLoader:
         raw = self._prefetched(epoch, start_step) if self.prefetch else self._raw(epoch, start_step)
         s = self.sampler
         params, params_step = None, -1
-        for step, micro, x, y in raw:
+        for step, micro, idx, x, y in raw:
             start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
             if step != params_step:
                 params, params_step = draw_params(self.augment, s.global_batch, self.h, self.w, self.seed, epoch,
                                                   step), step
             off = start - step * s.global_batch + lo  # this part's position within the global batch
             x = augment_uint8(to_nchw(x), self.augment, params.slice(off, off + length))
-            yield Batch(step, micro, self.normalize(x), y)
+            yield Batch(step, micro, self.normalize(x), y, idx)
 
 
 def eval_chunks(n: int, chunk: int, world: int, rank: int) -> list[tuple[int, int, int]]:

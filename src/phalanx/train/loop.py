@@ -291,6 +291,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     loss_acc = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss sum, images) since last log
     seen, t_window = 0, time.perf_counter()
     stopped_early = False
+    samples_log = open(run_dir / "logs" / f"samples-rank-{env.rank}.jsonl", "a") if cfg.log_samples else None
     try:
         for epoch in range(pos.epoch, cfg.epochs):
             if pos.global_step >= total_steps:
@@ -311,6 +312,9 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_acc[0] += loss_sum.detach()
                 loss_acc[1] += len(batch.y)
+                if samples_log is not None:
+                    samples_log.write(json.dumps({"epoch": epoch, "step": batch.step, "micro": batch.micro,
+                                                  "idx": batch.idx.tolist()}) + "\n")
                 if not last_micro:
                     continue
                 if cfg.optim.grad_clip > 0:
@@ -387,6 +391,8 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     finally:
         progress.close()
         preempt.restore()
+        if samples_log is not None:
+            samples_log.close()
 
     # ---- final weights, plain: loadable with load_state_dict into the model class, no prefixes
     if not stopped_early and env.is_main:
