@@ -1,8 +1,9 @@
 """Per-step overhead of Phalanx against the same model, batch and precision in a plain PyTorch loop.
 
 The plain loop trains on a uint8 tensor already in memory (gather, float, normalise: no augmentation);
-Phalanx runs `phalanx train --nproc 1` with augmentation, logging, progress accounting and the
-preemption check. Both use the same threads. Prints a table and JSON.
+Phalanx runs `phalanx train --nproc 1 --ema 0` with augmentation, logging, progress accounting
+and the preemption check (EMA is a training method, not overhead: it is off on both sides). Both
+use the same threads. Prints a table and JSON.
 
     python benchmarks/step_overhead.py [--steps 80] [--batch 512] [--threads 2] [--width 64]
 """
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +28,7 @@ def plain(steps: int, batch: int, width: int, threads: int) -> float:
     from phalanx.models import build_model
     torch.set_num_threads(threads)
     store = load_store("fashion_mnist")
-    images = torch.from_numpy(store["train"].images[:]).permute(0, 3, 1, 2)  # uint8, NCHW view, channels-last
+    images = torch.from_numpy(np.array(store["train"].images)).permute(0, 3, 1, 2)  # uint8 NCHW, channels-last
     labels = torch.from_numpy(store["train"].labels[:])
     model = build_model("phalanx_cnn", 10, 1, 28, width).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -48,13 +51,14 @@ def plain(steps: int, batch: int, width: int, threads: int) -> float:
     return steps * batch / (time.perf_counter() - t0)
 
 
-def phalanx(steps: int, batch: int, width: int, threads: int) -> float:
+def phalanx(steps: int, batch: int, width: int, threads: int, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         r = subprocess.run([sys.executable, "-m", "phalanx", "train", "--nproc", "1", "--threads_per_rank",
                             str(threads), "--epochs", "1", "--max_steps", str(steps + 29), "--global_batch",
                             str(batch), "--model.width", str(width), "--progress", "false", "--ckpt.at_epoch_end",
-                            "false", "--run_dir", str(run_dir), "--precision", "bf16"], capture_output=True, text=True)
+                            "false", "--run_dir", str(run_dir), "--precision", "bf16", "--ema", "0", *extra],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -68,11 +72,18 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating measurements of each; medians reported")
+    p.add_argument("extra", nargs="*", help="extra `phalanx train` options, after --")
     a = p.parse_args()
-    ph = phalanx(a.steps, a.batch, a.width, a.threads)
-    pl = plain(a.steps, a.batch, a.width, a.threads)
+    # Alternate the two so that drifts of a shared machine's speed hit both alike.
+    phs, pls = [], []
+    for _ in range(a.repeats):
+        phs.append(phalanx(a.steps, a.batch, a.width, a.threads, a.extra))
+        pls.append(plain(a.steps, a.batch, a.width, a.threads))
+    ph, pl = statistics.median(phs), statistics.median(pls)
     overhead = (pl - ph) / pl
     out = {"plain_img_s": round(pl, 1), "phalanx_img_s": round(ph, 1), "overhead": round(overhead, 4),
+           "plain_runs": [round(x, 1) for x in pls], "phalanx_runs": [round(x, 1) for x in phs],
            "batch": a.batch, "width": a.width, "threads": a.threads, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__}
     print(f"plain PyTorch {pl:,.0f} img/s | phalanx {ph:,.0f} img/s | overhead {100 * overhead:+.1f}%")
