@@ -1,5 +1,4 @@
 """imageio: one decode for prepare, streaming and predict; PIL-exact where no resize is needed."""
-import io
 
 import numpy as np
 import pytest

@@ -151,6 +151,16 @@ def ensure_store(store: Path, raw: Path | None) -> None:
         prepare.prepare(raw, store)
 
 
+def open_on_node(data_path: str, cache_configured: str, auto_install: bool, local_rank: int) -> Store:
+    """Local rank 0 prepares the store once per node while the others wait; every rank maps it."""
+    from phalanx.parallel.collectives import barrier
+    store, raw = store_path_for(data_path, cache_configured, auto_install)
+    if local_rank == 0:
+        ensure_store(store, raw)
+    barrier()
+    return open_store(store)
+
+
 def load_store(data_path: str, cache_configured: str = "", auto_install: bool = True) -> Store:
     """Single-process convenience: resolve, prepare if needed, open."""
     store, raw = store_path_for(data_path, cache_configured, auto_install)

@@ -10,7 +10,6 @@ interrupted prepare never leaves something that looks complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,26 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from phalanx.data.idx import DataError
+from phalanx.durable import fsync_path, sha256_file
 
 FORMAT = "phalanx-store"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -85,7 +69,7 @@ class Store:
         for name, info in self.manifest["splits"].items():
             for kind in ("images", "labels"):
                 f = self.path / info[kind]
-                if _sha256(f) != info["sha256"][kind]:
+                if sha256_file(f) != info["sha256"][kind]:
                     raise DataError(f"{f}: checksum differs from {self.path / MANIFEST}; the store is corrupt, "
                                     f"prepare it again")
 
@@ -217,7 +201,7 @@ class StoreWriter:
             self.manifest["splits"][name] = info
         self._open.clear()
         for name, info in self.manifest["splits"].items():
-            info["sha256"] = {k: _sha256(self.tmp / info[k]) for k in ("images", "labels")}
+            info["sha256"] = {k: sha256_file(self.tmp / info[k]) for k in ("images", "labels")}
             for k in ("images", "labels"):
                 with open(self.tmp / info[k], "rb+") as f:
                     os.fsync(f.fileno())
@@ -226,13 +210,13 @@ class StoreWriter:
         with open(mtmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(mtmp, self.tmp / MANIFEST)
-        _fsync_dir(self.tmp)
+        fsync_path(self.tmp)
         if self.out.exists():  # replacing an older or incomplete store
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
         return self.out
 
     def abort(self) -> None:

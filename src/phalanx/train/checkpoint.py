@@ -12,7 +12,6 @@ model and optimizer are replicated under DDP, and the small per-rank RNG states 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phalanx import faults
+from phalanx.durable import fsync_path, sha256_file
 
 MARKER = "COMPLETE"
 
@@ -61,22 +61,6 @@ def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj))
 
@@ -106,19 +90,19 @@ def save(ckpt_root: Path, global_step: int, model_sd: dict, optim_sd: dict, stat
     _write_json(tmp / "state.json", state)
     files = sorted(p.name for p in tmp.iterdir())
     for f in files:
-        _fsync(tmp / f)
-    marker = {"files": {f: _sha256(tmp / f) for f in files}, "global_step": global_step}
+        fsync_path(tmp / f)
+    marker = {"files": {f: sha256_file(tmp / f) for f in files}, "global_step": global_step}
     _write_json(tmp / (MARKER + ".tmp"), marker)
-    _fsync(tmp / (MARKER + ".tmp"))
+    fsync_path(tmp / (MARKER + ".tmp"))
     os.replace(tmp / (MARKER + ".tmp"), tmp / MARKER)
-    _fsync(tmp)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(ckpt_root)
+    fsync_path(ckpt_root)
     latest_tmp = ckpt_root / ".latest.tmp"
     latest_tmp.write_text(name)
-    _fsync(latest_tmp)
+    fsync_path(latest_tmp)
     os.replace(latest_tmp, ckpt_root / "latest")
     _prune(ckpt_root, keep)
     return final
@@ -149,7 +133,7 @@ def verify(ckpt: Path) -> dict:
         p = ckpt / f
         if not p.is_file():
             raise CheckpointError(f"{p}: missing file listed in {MARKER}")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CheckpointError(f"{p}: checksum mismatch; the file was truncated or modified after it was written")
     return marker
 

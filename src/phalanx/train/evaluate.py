@@ -77,10 +77,8 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
 
 def eval_main(cfg, target: Path) -> dict:
     """`phalanx eval`: evaluate saved weights on the test split of cfg.data, on this rank."""
-    from phalanx.data.sources import ensure_store, store_path_for
-    from phalanx.data.store import open_store
+    from phalanx.data.sources import open_on_node
     from phalanx.parallel import env as penv
-    from phalanx.parallel.collectives import barrier
     from phalanx.train import precision
 
     env = penv.init(cfg.parallel, cfg.device)
@@ -88,11 +86,7 @@ def eval_main(cfg, target: Path) -> dict:
         model, meta = load_weights(target, env.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        store_path, raw = store_path_for(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install)
-        if env.local_rank == 0:
-            ensure_store(store_path, raw)
-        barrier()
-        store = open_store(store_path)
+        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank)
         split = store["test" if "test" in store.splits else "val"]
         if store.shape[2] != meta["in_channels"] or len(store.classes) != meta["num_classes"]:
             from phalanx.data.idx import DataError

@@ -27,8 +27,7 @@ from phalanx import faults
 from phalanx.data.augment import Normalize
 from phalanx.data.loader import SplitOnDevice, TrainLoader
 from phalanx.data.sampler import GlobalSampler
-from phalanx.data.sources import ensure_store, store_path_for
-from phalanx.data.store import open_store
+from phalanx.data.sources import open_on_node
 from phalanx.models import build_model
 from phalanx.observe.console import MetricsWriter, Progress, setup_logging
 from phalanx.parallel import env as penv
@@ -183,11 +182,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
 
     # ---- data: local rank 0 prepares the store once per node; every rank maps the same files
     env.phase = "preparing the data"
-    store_path, raw = store_path_for(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install)
-    if env.local_rank == 0:
-        ensure_store(store_path, raw)
-    barrier()
-    store = open_store(store_path)
+    store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank)
     train_split, test_split = store["train"], store["test" if "test" in store.splits else "val"]
     h, w, c = store.shape
     world_batch_ok = cfg.global_batch // cfg.grad_accum >= env.world
