@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +26,7 @@ def plain(steps: int, batch: int, width: int, threads: int) -> float:
     torch.set_num_threads(threads)
     store = load_store("fashion_mnist")
     images = torch.from_numpy(np.array(store["train"].images)).permute(0, 3, 1, 2)  # uint8 NCHW, channels-last
-    labels = torch.from_numpy(store["train"].labels[:])
+    labels = torch.from_numpy(np.array(store["train"].labels))
     model = build_model("phalanx_cnn", 10, 1, 28, width).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     g = torch.Generator().manual_seed(0)
@@ -52,18 +49,10 @@ def plain(steps: int, batch: int, width: int, threads: int) -> float:
 
 
 def phalanx(steps: int, batch: int, width: int, threads: int, extra: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        r = subprocess.run([sys.executable, "-m", "phalanx", "train", "--nproc", "1", "--threads_per_rank",
-                            str(threads), "--epochs", "1", "--max_steps", str(steps + 29), "--global_batch",
-                            str(batch), "--model.width", str(width), "--progress", "false", "--ckpt.at_epoch_end",
-                            "false", "--run_dir", str(run_dir), "--precision", "bf16", "--ema", "0", *extra],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rates = [x["img_s"] for x in rows if x["event"] == "train"][1:]  # the first window includes warm-up
-        return sum(rates) / len(rates)
+    from phalanx.bench import train_rate
+    # +29 steps: the first logged window (warm-up) is dropped by train_rate.
+    return train_rate(1, threads, steps + 29, batch, ["--model.width", str(width), "--precision", "bf16",
+                                                      "--ema", "0", *extra])["img_s"]
 
 
 def main() -> int:

@@ -100,17 +100,14 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
         from phalanx.train.evaluate import eval_main
         eval_main(cfg, target)
         return 0
-    threads = cfg.parallel.threads_per_rank or max(1, penv.usable_cores() // nproc)
+    threads = penv.threads_per_rank(cfg.parallel, nproc)
     print(f"phalanx: launching {nproc} rank(s) x {threads} thread(s) per node on {cfg.parallel.nnodes} node(s) "
           f"({why})", flush=True)
     worker_argv = list(argv)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if sub == "train" and not cfg.run_dir:
         # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
-        import time
-        run_dir = Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}"
-        if cfg.ckpt.resume:
-            run_dir = Path(cfg.ckpt.resume)
+        run_dir = Path(cfg.ckpt.resume or cfg.default_run_dir())
         worker_argv.append(f"--run_dir={run_dir}")
     return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir)
 

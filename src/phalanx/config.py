@@ -187,6 +187,11 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def default_run_dir(self) -> str:
+        """OUT_DIR/<date>-<time>-<model>: the run directory when none is given."""
+        import time
+        return str(Path(self.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.model.name}")
+
     def validate(self) -> "Config":
         """Check every value; raise ConfigError naming the field and how to fix it."""
         from phalanx.models import MODELS  # late: models import torch

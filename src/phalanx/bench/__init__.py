@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 
-def _train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str]) -> dict:
+def train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str]) -> dict:
     """Run a short real training and read its steady-state img/s from metrics.jsonl."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -53,15 +53,15 @@ def scaling(argv: list[str]) -> int:
     rows = []
     for n in range(1, a.max_world + 1):
         threads = 1 if cuda else max(1, cores // n)
-        rows.append(_train_rate(n, threads, a.steps, a.global_batch, a.extra))
+        rows.append(train_rate(n, threads, a.steps, a.global_batch, a.extra))
     base = rows[0]["img_s"]
     for r in rows:
         r["speedup"] = round(r["img_s"] / base, 3)
         r["efficiency"] = round(r["img_s"] / (base * r["nproc"]), 3)
     layouts = []
     if not cuda and cores > 1:  # same cores, split differently: processes x threads
-        layouts = [_train_rate(1, cores, a.steps, a.global_batch, a.extra),
-                   _train_rate(cores, 1, a.steps, a.global_batch, a.extra)]
+        layouts = [train_rate(1, cores, a.steps, a.global_batch, a.extra),
+                   train_rate(cores, 1, a.steps, a.global_batch, a.extra)]
     out = {"device": "cuda" if cuda else "cpu", "cores": cores, "global_batch": a.global_batch, "steps": a.steps,
            "torch": torch.__version__, "scaling": rows, "layouts": layouts,
            "date": time.strftime("%Y-%m-%d")}

@@ -22,6 +22,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def threads_per_rank(pcfg: ParallelConfig, local_world: int) -> int:
+    """ranks x threads <= cores: oversubscribed cores make every rank wait on the slowest."""
+    return pcfg.threads_per_rank or max(1, usable_cores() // local_world)
+
+
 def is_worker() -> bool:
     """True inside a process started by torchrun / the elastic agent."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -70,8 +75,7 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
     )
     e.device = pick_device(device_pref, e.local_rank)
-    # ranks x threads <= cores: oversubscribed cores make every rank wait on the slowest.
-    e.threads = pcfg.threads_per_rank or max(1, usable_cores() // e.local_world)
+    e.threads = threads_per_rank(pcfg, e.local_world)
     torch.set_num_threads(e.threads)
     if e.world > 1:
         backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if e.device.type == "cuda" else "gloo")

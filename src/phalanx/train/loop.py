@@ -118,7 +118,7 @@ def resolve_run_dir(cfg: C.Config, env: penv.DistEnv) -> Path:
         # finds its checkpoints (`phalanx train --nproc` passes an explicit run_dir instead).
         name = str(Path(cfg.out_dir) / f"{cfg.model.name}-{os.environ['TORCHELASTIC_RUN_ID']}")
     else:
-        name = str(Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}") if env.is_main else ""
+        name = cfg.default_run_dir() if env.is_main else ""
     name = broadcast_object(name)
     run_dir = Path(name)
     run_dir.mkdir(parents=True, exist_ok=True)
