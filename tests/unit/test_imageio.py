@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from phalanx.data.idx import DataError
-from phalanx.data.imageio import DecodeError, decode_chw, decode_to_uint8, probe, to_channels
+from phalanx.data.imageio import DecodeError, decode_chw, decode_rgb, decode_to_uint8, fit, probe, to_channels
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -99,8 +99,45 @@ def test_resize_shorter_side_and_centre_crop_match_torchvision(tmp_path, h, w):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_bytes_path_and_tensor_inputs_agree(tmp_path):
-    rgb(20, 25).save(tmp_path / "x.jpg")
+def photo(h, w):
+    """Smooth, photo-like pixels (a full decode and a reduced-scale one are then close)."""
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w) + 60], -1)
+    return Image.fromarray(a.astype(np.uint8))
+
+
+@pytest.mark.parametrize("h,w,size,scale", [(240, 200, 32, 4), (120, 130, 40, 2), (200, 220, 24, 8)])
+def test_large_jpeg_is_decoded_at_reduced_scale_close_to_a_full_decode(tmp_path, h, w, size, scale):
+    photo(h, w).save(tmp_path / "x.jpg", quality=90)
+    got = decode_chw(tmp_path / "x.jpg", size, 3)
+    with Image.open(tmp_path / "x.jpg") as im:  # libjpeg's scaled decode, then the usual resize + crop
+        im.draft("RGB", (size, size))
+        assert im.size == (-(-w // scale), -(-h // scale))
+        small = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    torch.testing.assert_close(got, fit(small, size, 3), atol=0, rtol=0)
+    torch.testing.assert_close(got, fit(small.contiguous(), size, 3), atol=0, rtol=0)  # layout-independent
+    full = fit(decode_rgb(tmp_path / "x.jpg"), size, 3)  # native-size decode
+    assert (got.int() - full.int()).abs().float().mean() < 3
+
+
+def test_jpeg_under_twice_the_size_is_decoded_at_full_size(tmp_path):
+    photo(50, 70).save(tmp_path / "x.jpg", quality=90)
+    torch.testing.assert_close(decode_chw(tmp_path / "x.jpg", 26, 3), fit(decode_rgb(tmp_path / "x.jpg"), 26, 3),
+                               atol=0, rtol=0)
+
+
+def test_reduced_scale_decode_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW: the 100 x 200 landscape pixels are shown 200 x 100 portrait
+    photo(100, 200).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    assert decode_rgb(tmp_path / "r.jpg", 20).shape == (3, 50, 25)  # 1/4 scale, rotated
+    full = fit(decode_rgb(tmp_path / "r.jpg"), 20, 3)
+    assert (decode_chw(tmp_path / "r.jpg", 20, 3).int() - full.int()).abs().float().mean() < 3
+
+
+@pytest.mark.parametrize("h,w", [(20, 25), (80, 90)])  # full and reduced-scale decodes
+def test_bytes_path_and_tensor_inputs_agree(tmp_path, h, w):
+    rgb(h, w).save(tmp_path / "x.jpg")
     data = (tmp_path / "x.jpg").read_bytes()
     a = decode_to_uint8(tmp_path / "x.jpg", 16, 3)
     np.testing.assert_array_equal(a, decode_to_uint8(data, 16, 3))

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from phalanx.data import prepare as P
 from phalanx.data.idx import DataError
@@ -21,6 +22,9 @@ def clean_folder(tmp_path):
     root = make_imagefolder(tmp_path / "src")
     (root / "cat" / "corrupt.jpg").unlink()
     (root / "dog" / "zero.png").unlink()
+    # Large enough to be decoded at 1/4 scale at size 16: prepared and streamed must still agree.
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(
+        root / "owl" / "large.jpg", quality=90)
     return root
 
 

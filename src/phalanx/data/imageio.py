@@ -3,10 +3,18 @@
 `phalanx data prepare`, the streaming loader and `phalanx predict` all go through `decode_chw`, so
 an image is turned into exactly the same bytes whether it was prepared, streamed or predicted.
 
-    bytes -> torchvision.io.decode_image (JPEG, PNG, GIF, WebP; palette, alpha, grayscale, 16-bit)
+    bytes -> JPEG at least twice `size` on its shorter side: libjpeg's reduced-scale decode (PIL
+             `Image.draft`: 1/2, 1/4 or 1/8, the smallest keeping both sides >= size)
+          -> otherwise torchvision.io.decode_image (JPEG, PNG, GIF, WebP; palette, alpha, gray, 16-bit)
           -> PIL for the rest (BMP, TIFF, PPM, ...) or when torchvision.io refuses a file
           -> RGB uint8 -> 1 channel (PIL's integer luma formula) if asked
           -> shorter side resized to `size` (bilinear, antialias) -> centre crop size x size
+
+The reduced-scale decode computes the scaled image in the inverse DCT (entropy decoding still
+reads the whole file), so a small target costs well under a full decode plus a large resize. Its
+pixels differ from a full decode followed by the resize by a few levels (about 3 on average,
+more on sharp edges); they are still the pixels of this function, which prepare, streaming and
+predict all call, so prepared and streamed images stay identical.
 
 Decoding always goes through RGB, and grayscale is computed here with the formula PIL uses, so a
 grayscale file gives back its own bytes and a colour file gives back `PIL.Image.convert("L")`,
@@ -122,12 +130,40 @@ def _decode_pil(data: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
 
-def decode_rgb(source: str | Path | bytes | torch.Tensor) -> torch.Tensor:
-    """Decode an encoded image to RGB uint8 (3, H, W) at its native size; DecodeError if unreadable."""
+def _decode_jpeg_reduced(data: torch.Tensor, min_side: int) -> torch.Tensor | None:
+    """RGB uint8 (3, H, W) decoded at 1/2, 1/4 or 1/8 scale with both sides still >= min_side, or None
+    when the JPEG is under 2 * min_side on a side or PIL cannot decode it that way."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(io.BytesIO(data.numpy()), formats=("JPEG",)) as im:
+            if min(im.size) < 2 * min_side:
+                return None
+            # Pillow's rule: scale = the largest of 8, 4, 2 not above min(W // w, H // h) for the size asked.
+            im.draft("RGB", (min_side, min_side))
+            im = ImageOps.exif_transpose(im)
+            a = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    except Exception:  # truncated, CMYK oddities...: the full decode below reports or handles it
+        return None
+    # (3, H, W) as a view of the (H, W, 3) pixels: the uint8 resize reads channels-last directly.
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+def decode_rgb(source: str | Path | bytes | torch.Tensor, min_side: int = 0) -> torch.Tensor:
+    """Decode an encoded image to RGB uint8 (3, H, W), possibly a channels-last view; DecodeError if
+    unreadable.
+
+    min_side 0: the native size. min_side > 0: a JPEG whose shorter side is at least 2 * min_side is
+    decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides >= min_side; other images and
+    formats come back at their native size.
+    """
     data, name = read_encoded(source)
     if data.numel() == 0:
         raise DecodeError(name, "empty file (0 bytes)")
     fmt = sniff(data[:16].numpy().tobytes())
+    if fmt == "jpeg" and min_side > 0:
+        img = _decode_jpeg_reduced(data, min_side)
+        if img is not None:
+            return img
     first_error = None
     if fmt in _TORCHVISION_FORMATS:
         try:
@@ -189,8 +225,11 @@ def fit(img: torch.Tensor, size: int, channels: int) -> torch.Tensor:
 
 
 def decode_chw(source: str | Path | bytes | torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Decode and fit an image: uint8 tensor (channels, size, size); size 0 keeps the native size."""
-    return fit(decode_rgb(source), size, channels)
+    """Decode and fit an image: uint8 tensor (channels, size, size); size 0 keeps the native size.
+
+    A JPEG at least 2 * size on its shorter side is decoded at reduced scale first (module docstring).
+    """
+    return fit(decode_rgb(source, size), size, channels)
 
 
 def decode_to_uint8(source: str | Path | bytes | torch.Tensor, size: int, channels: int) -> np.ndarray:
