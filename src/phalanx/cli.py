@@ -81,9 +81,13 @@ def cmd_train(argv: list[str]) -> int:
     if pos:
         return _fail(f"unexpected argument {pos[0]!r} (options look like --optim.lr=0.1)")
     cfg = C.build_config(recipe, pairs)  # ConfigError -> exit 2 before anything is written
-    if cfg.data.path not in ("fashion_mnist", "fashion-mnist"):
+    if cfg.data.stream:
+        from phalanx.data.streaming import stream_root
+        stream_root(cfg.data.path)  # DataError before any run dir
+    elif cfg.data.path not in ("fashion_mnist", "fashion-mnist") or cfg.data.size or cfg.data.channels:
         from phalanx.data.sources import store_path_for
-        store_path_for(cfg.data.path, cfg.data.cache_dir, auto_install=False)  # DataError before any run dir
+        store_path_for(cfg.data.path, cfg.data.cache_dir, auto_install=False, size=cfg.data.size,
+                       channels=cfg.data.channels)  # DataError before any run dir
     return _run_or_launch("train", cfg, argv)
 
 

@@ -41,6 +41,14 @@ class DataConfig:
     """Install the Debian package dataset-fashion-mnist (or download) when Fashion-MNIST is missing."""
     prefetch: bool = True
     """Prepare the next batch in a background thread while the current one trains."""
+    size: int = 0
+    """Side an ImageFolder (or CIFAR) is resized and centre-cropped to (0: as `phalanx data prepare` chooses)."""
+    channels: int = 0
+    """1 (grayscale) or 3 (RGB) for an ImageFolder (0: 1 when every image is gray; 3 when streaming)."""
+    stream: bool = False
+    """Decode an ImageFolder in DataLoader workers every step instead of preparing a store (needs data.size)."""
+    stream_workers: int = 0
+    """DataLoader workers per rank when streaming (0: this node's cores divided among its ranks, at least 1)."""
 
 
 @dataclass
@@ -222,6 +230,11 @@ class Config:
         need(0.0 <= s.final_frac <= 1.0, "sched.final_frac", "must be in [0, 1]")
         need(0.0 < s.gamma <= 1.0, "sched.gamma", "must be in (0, 1]")
         need(s.step_epochs >= 1, "sched.step_epochs", "must be >= 1")
+        d = self.data
+        need(d.size >= 0, "data.size", "must be >= 0 (0: choose from the images)")
+        need(d.channels in (0, 1, 3), "data.channels", "must be 1 (grayscale), 3 (RGB) or 0 (choose)")
+        need(d.stream_workers >= 0, "data.stream_workers", "must be >= 0 (0: one per core of this rank)")
+        need(not d.stream or d.size >= 1, "data.size", "--data.stream needs the image side, e.g. --data.size 64")
         a = self.augment
         need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
         need(a.cutout >= 0, "augment.cutout", "must be >= 0")

@@ -117,16 +117,30 @@ def _cache_key(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def store_path_for(data_path: str, cache_configured: str = "", auto_install: bool = True) -> tuple[Path, Path | None]:
-    """(store path, raw folder to prepare from or None when the store is used as it is)."""
+def store_path_for(data_path: str, cache_configured: str = "", auto_install: bool = True, size: int = 0,
+                   channels: int = 0) -> tuple[Path, Path | None]:
+    """(store path, raw folder to prepare from or None when the store is used as it is).
+
+    size / channels (0: prepare's choice) apply to ImageFolder trees and CIFAR; each choice is cached
+    as its own store. Idx files and prepared stores are used as they are.
+    """
     cache = cache_dir(cache_configured)
+    fixed = "a folder of idx files" if data_path in ("fashion_mnist", "fashion-mnist") else None
+    p = Path(data_path).expanduser()
+    if fixed is None and not p.exists():
+        raise DataError(f"--data {data_path}: no such file or folder (use `fashion_mnist`, a prepared store, "
+                        f"or a folder of idx files)")
+    if fixed is None and is_store(p):
+        fixed = "a prepared store"
+    elif fixed is None and p.is_dir() and find_idx_files(p):
+        fixed = "a folder of idx files"
+    if fixed and (size or channels):
+        what = f"--data.size {size}" if size else f"--data.channels {channels}"
+        raise DataError(f"{what}: --data {data_path} is {fixed}, used at its own size and channels; "
+                        f"leave out --data.size and --data.channels")
     if data_path in ("fashion_mnist", "fashion-mnist"):
         folder = find_fashion_mnist(auto_install, cache)
         return cache / "stores" / f"fashion_mnist-{_cache_key(folder)}", folder
-    p = Path(data_path).expanduser()
-    if not p.exists():
-        raise DataError(f"--data {data_path}: no such file or folder (use `fashion_mnist`, a prepared store, "
-                        f"or a folder of idx files)")
     if is_store(p):
         return p, None
     if p.is_dir() and find_idx_files(p):
@@ -136,10 +150,11 @@ def store_path_for(data_path: str, cache_configured: str = "", auto_install: boo
     if kind is None:
         raise DataError(f"--data {data_path}: not a prepared store, an idx folder, CIFAR binaries or an "
                         f"ImageFolder (one sub-folder of images per class)")
-    return cache / "stores" / f"{p.name}-{kind}-{_cache_key(p)}", p
+    chosen = (f"-{size}px" if size else "") + (f"-c{channels}" if channels else "")
+    return cache / "stores" / f"{p.name}-{kind}{chosen}-{_cache_key(p)}", p
 
 
-def ensure_store(store: Path, raw: Path | None) -> None:
+def ensure_store(store: Path, raw: Path | None, size: int = 0, channels: int = 0) -> None:
     """Prepare the store from its raw source unless a complete one is there already."""
     if raw is None or is_store(store):
         return
@@ -148,15 +163,16 @@ def ensure_store(store: Path, raw: Path | None) -> None:
         prepare_idx_folder(raw, store)
     else:
         from phalanx.data import prepare
-        prepare.prepare(raw, store)
+        prepare.prepare(raw, store, size=size, channels=channels)
 
 
-def open_on_node(data_path: str, cache_configured: str, auto_install: bool, local_rank: int) -> Store:
+def open_on_node(data_path: str, cache_configured: str, auto_install: bool, local_rank: int, size: int = 0,
+                 channels: int = 0) -> Store:
     """Local rank 0 prepares the store once per node while the others wait; every rank maps it."""
     from phalanx.parallel.collectives import barrier
-    store, raw = store_path_for(data_path, cache_configured, auto_install)
+    store, raw = store_path_for(data_path, cache_configured, auto_install, size, channels)
     if local_rank == 0:
-        ensure_store(store, raw)
+        ensure_store(store, raw, size, channels)
     barrier()
     return open_store(store)
 

@@ -74,6 +74,23 @@ class Store:
                                     f"prepare it again")
 
 
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, H, W, C) images scaled to [0, 1], rounded to 6 digits.
+
+    The normalisation of a prepared store, and of a streamed ImageFolder (over a sample of it).
+    """
+    c = images.shape[-1]
+    s = np.zeros(c)
+    s2 = np.zeros(c)
+    for i in range(0, len(images), 4096):  # chunked: stores can be larger than memory
+        blk = np.asarray(images[i:i + 4096], dtype=np.float64).reshape(-1, c) / 255.0
+        s += blk.sum(0)
+        s2 += (blk ** 2).sum(0)
+    n = max(1, len(images) * images.shape[1] * images.shape[2])
+    mean = s / n
+    return mean.round(6).tolist(), np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-12)).round(6).tolist()
+
+
 def is_store(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -186,17 +203,7 @@ class StoreWriter:
             info = {"count": int(len(labels)), "images": f"{name}-images.npy", "labels": f"{name}-labels.npy",
                     "class_counts": np.bincount(np.asarray(labels), minlength=n_cls).tolist()}
             if name == "train" or "mean" not in self.manifest:
-                c = images.shape[-1]
-                s = np.zeros(c)
-                s2 = np.zeros(c)
-                for i in range(0, len(images), 4096):  # chunked: stores can be larger than memory
-                    blk = np.asarray(images[i:i + 4096], dtype=np.float64).reshape(-1, c) / 255.0
-                    s += blk.sum(0)
-                    s2 += (blk ** 2).sum(0)
-                n = max(1, len(images) * images.shape[1] * images.shape[2])
-                mean = s / n
-                self.manifest["mean"] = mean.round(6).tolist()
-                self.manifest["std"] = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-12)).round(6).tolist()
+                self.manifest["mean"], self.manifest["std"] = channel_stats(images)
             del images, labels
             self.manifest["splits"][name] = info
         self._open.clear()

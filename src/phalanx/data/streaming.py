@@ -12,19 +12,34 @@ are decoded on the CPU and copied. GPU-decoded pixels can differ from the CPU de
 levels (different IDCT, float resize), and EXIF orientation is not applied there.
 
 The file list and the held-out test split are those of `phalanx data prepare` (list_imagefolder).
+
+Training (`phalanx train --data FOLDER --data.stream true --data.size N`): `open_folder_stream`
+stands in for the prepared store, `StreamTrainLoader` for TrainLoader (same global order, same
+augmentation draws, so a streamed run trains on exactly what a prepared run of the same folder
+would), and `StreamSplit` for SplitOnDevice in evaluation. Each DataLoader fetch is a whole
+micro-batch (`__getitems__`): one worker decodes it into one uint8 tensor, no per-image collate.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from phalanx.config import AugmentConfig
+from phalanx.data.augment import Normalize, augment_uint8, draw_params
 from phalanx.data.idx import DataError
 from phalanx.data.imageio import decode_chw, fit, read_encoded, sniff
-from phalanx.data.prepare import list_imagefolder
-from phalanx.data.sampler import GlobalSampler
+from phalanx.data.loader import Batch
+from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
+from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
+from phalanx.data.store import channel_stats
+
+# Images decoded to compute the normalisation's mean/std of a streamed folder (all when fewer).
+STATS_SAMPLE = 1000
 
 
 class ImageFolderStream(Dataset):
@@ -36,13 +51,13 @@ class ImageFolderStream(Dataset):
     """
 
     def __init__(self, root: str | Path, size: int, channels: int = 3, split: str = "train",
-                 encoded: bool = False):
+                 encoded: bool = False, listing: FolderListing | None = None):
         if size < 1:
             raise DataError(f"size {size}: the streaming path needs a fixed image size >= 1")
         if channels not in (1, 3):
             raise DataError(f"channels {channels}: must be 1 or 3")
         self.root = Path(root)
-        listing = list_imagefolder(self.root)
+        listing = listing or list_imagefolder(self.root)
         if split == "all":  # every file of the tree, whatever split it belongs to
             entries = sorted((e for es in listing.splits.values() for e in es), key=lambda e: (e[1], e[0]))
         elif split in listing.splits:
@@ -62,6 +77,23 @@ class ImageFolderStream(Dataset):
             data, _ = read_encoded(self.files[i])
             return data, int(self.labels[i])
         return decode_chw(self.files[i], self.size, self.channels), int(self.labels[i])
+
+    def __getitems__(self, indices: list[int]):
+        """A whole batch in one DataLoader fetch: (uint8 (B, channels, size, size), int64 labels), or
+        (list of encoded files, labels) when `encoded`. Use with `collate_fn=pass_batch`."""
+        if self.encoded:
+            return _collate_encoded([self[i] for i in indices])
+        x = torch.empty((len(indices), self.channels, self.size, self.size), dtype=torch.uint8)
+        if get_worker_info() is not None:  # in a worker: fill shared memory, not a copy made when sending
+            x.share_memory_()
+        for k, i in enumerate(indices):
+            x[k] = decode_chw(self.files[i], self.size, self.channels)
+        return x, self.labels[indices]
+
+
+def pass_batch(batch):
+    """collate_fn for datasets whose `__getitems__` returns a finished batch."""
+    return batch
 
 
 class RankOrder:
@@ -93,6 +125,18 @@ class RankOrder:
         return (self.sampler.steps - self.start_step) * self.sampler.accum * self.batch_size
 
 
+class RankBatches(RankOrder):
+    """RankOrder as a DataLoader batch_sampler: one list per micro-batch of this rank, so a worker
+    decodes a whole micro-batch per fetch and the n-th batch is micro-step n of the epoch."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, _, idx in self.sampler.epoch(self.epoch, self.start_step):
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        return (self.sampler.steps - self.start_step) * self.sampler.accum
+
+
 def _collate_encoded(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [d for d, _ in items], torch.tensor([y for _, y in items], dtype=torch.int64)
 
@@ -113,7 +157,7 @@ def streaming_loader(root: str | Path, size: int, channels: int, batch: int, wor
     if workers > 0:
         kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
     return DataLoader(ds, batch_size=batch, sampler=sampler_indices, shuffle=False, num_workers=workers,
-                      pin_memory=dev.type == "cuda", drop_last=False, **kw)
+                      pin_memory=dev.type == "cuda", drop_last=False, collate_fn=pass_batch, **kw)
 
 
 def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels: int,
@@ -163,7 +207,7 @@ class CudaJpegLoader:
         kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if workers > 0 else {}
         # Encoded files are few bytes: pinning them buys little, and nvJPEG reads them from host memory.
         self.loader = DataLoader(self.dataset, batch_size=batch, sampler=sampler_indices, num_workers=workers,
-                                 collate_fn=_collate_encoded, **kw)
+                                 collate_fn=pass_batch, **kw)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -172,3 +216,165 @@ class CudaJpegLoader:
         for encoded, labels in self.loader:
             x = decode_jpeg_batch_cuda(encoded, self.size, self.channels, self.device)
             yield x, labels.to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- training on a streamed folder
+
+def stream_root(data_path: str) -> Path:
+    """The ImageFolder `--data` names, or DataError saying why it cannot be streamed."""
+    p = Path(data_path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"--data {data_path}: --data.stream reads an ImageFolder (one sub-folder of images per "
+                        f"class); no such folder")
+    kind = detect_kind(p)
+    if kind != "imagefolder":
+        what = {None: "not an ImageFolder"}.get(kind, f"{kind} binaries")
+        raise DataError(f"--data {data_path}: --data.stream reads an ImageFolder (one sub-folder of images per "
+                        f"class); this is {what}: train on it without --data.stream")
+    return p
+
+
+class FolderStream:
+    """A streamed ImageFolder in the place of a prepared Store: splits, shape, classes, mean, std."""
+
+    def __init__(self, root: Path, size: int, channels: int, listing: FolderListing,
+                 mean: list[float], std: list[float]):
+        self.path, self.shape, self.classes = root, (size, size, channels), listing.classes
+        self.splits = {name: ImageFolderStream(root, size, channels, name, listing=listing)
+                       for name in listing.splits}
+        self.mean, self.std = mean, std
+
+    def __getitem__(self, name: str) -> ImageFolderStream:
+        return self.splits[name]
+
+
+def _worker_error(e: DataError) -> DataError:
+    # DataLoader re-raises a worker's error with its traceback in the message; keep the last line,
+    # which names the file.
+    last = str(e).strip().splitlines()[-1]
+    return DataError(re.sub(r"^[\w.]*Error: ", "", last, count=1))
+
+
+def sample_stats(dataset: ImageFolderStream, workers: int, sample: int = STATS_SAMPLE
+                 ) -> tuple[list[float], list[float]]:
+    """Mean/std (as a prepared store's manifest has them) over `sample` evenly spaced images of the
+    split: over all of it when it is no larger, and then equal to the prepared store's."""
+    n = len(dataset)
+    idx = list(range(n)) if n <= sample else np.linspace(0, n - 1, sample).round().astype(int).tolist()
+    order = [idx[i:i + 64] for i in range(0, len(idx), 64)]
+    loader = DataLoader(dataset, batch_sampler=order, num_workers=workers, collate_fn=pass_batch)
+    try:
+        x = torch.cat([b for b, _ in loader])
+    except DataError as e:
+        raise _worker_error(e) from None
+    return channel_stats(x.permute(0, 2, 3, 1).numpy())
+
+
+def stream_workers(configured: int, local_world: int) -> int:
+    """DataLoader workers per rank: as configured, else this node's cores divided among its ranks."""
+    from phalanx.data.prepare import usable_cpus
+    return configured or max(1, usable_cpus() // max(1, local_world))
+
+
+def open_folder_stream(data_path: str, size: int, channels: int, workers: int, is_main: bool = True
+                       ) -> FolderStream:
+    """List the folder (every rank) and compute mean/std of its training split (rank 0, broadcast).
+
+    channels 0 means 3: choosing from the images, as prepare does, would read every file's header.
+    """
+    from phalanx.parallel.collectives import broadcast_object
+    root = stream_root(data_path)
+    listing = list_imagefolder(root)
+    if listing.zero_byte:
+        raise DataError(f"{root}: {len(listing.zero_byte)} empty (0-byte) image file(s), first "
+                        f"{listing.zero_byte[0]}; remove them, or prepare with `phalanx data prepare --skip-bad`")
+    if not listing.splits.get("train"):
+        raise DataError(f"{root}: no training images")
+    channels = channels or 3
+    stats = None
+    if is_main:
+        stats = sample_stats(ImageFolderStream(root, size, channels, "train", listing=listing), workers)
+    mean, std = broadcast_object(stats)
+    return FolderStream(root, size, channels, listing, mean, std)
+
+
+def _loader_kw(workers: int, device: torch.device, prefetch_factor: int) -> dict:
+    kw = dict(num_workers=workers, collate_fn=pass_batch, pin_memory=device.type == "cuda")
+    if workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    return kw
+
+
+class StreamTrainLoader:
+    """TrainLoader over an ImageFolderStream: `.epoch(epoch, start_step)` yields the same Batches.
+
+    Workers decode this rank's part of each micro-batch of the global order (RankBatches); the
+    device then translates, flips and normalises with the draws of the whole global batch, as
+    TrainLoader does. So for the same folder and size a streamed run and a prepared one train on
+    the same pixels in the same order, for any world size, and a resume needs only (epoch, step).
+    """
+
+    def __init__(self, dataset: ImageFolderStream, sampler: GlobalSampler, augment: AugmentConfig,
+                 normalize: Normalize, device: torch.device, seed: int, workers: int, prefetch_factor: int = 2):
+        self.dataset, self.sampler, self.augment, self.normalize = dataset, sampler, augment, normalize
+        self.device, self.seed = device, seed
+        self.h = self.w = dataset.size
+        self.batches = RankBatches(sampler)
+        self.loader = DataLoader(dataset, batch_sampler=self.batches, **_loader_kw(workers, device, prefetch_factor))
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's augmented micro-batches of `epoch`, from `start_step` on."""
+        s = self.sampler
+        self.batches.set_epoch(epoch, start_step)
+        params, params_step = None, -1
+        decoded = iter(self.loader)
+        for step, micro, idx in s.epoch(epoch, start_step):
+            try:
+                x, y = next(decoded)
+            except DataError as e:
+                raise _worker_error(e) from None
+            start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
+            if step != params_step:
+                params, params_step = draw_params(self.augment, s.global_batch, self.h, self.w, self.seed, epoch,
+                                                  step), step
+            off = start - step * s.global_batch + lo  # this part's position within the global batch
+            x = x.to(self.device, non_blocking=True)
+            x = augment_uint8(x, self.augment, params.slice(off, off + length))
+            yield Batch(step, micro, self.normalize(x), y.to(self.device, non_blocking=True), idx)
+
+
+class _Batches:
+    """A batch_sampler whose batches are set before each pass."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StreamSplit:
+    """SplitOnDevice over an ImageFolderStream, for evaluation: `gather(idx)` decodes those images with
+    DataLoader workers and returns (uint8 (B, H, W, C) view, labels) on the device, like a store."""
+
+    def __init__(self, dataset: ImageFolderStream, device: torch.device, workers: int, batch: int = 64):
+        self.split, self.device, self.batch = dataset, device, batch
+        self._batches = _Batches()
+        self.loader = DataLoader(dataset, batch_sampler=self._batches, **_loader_kw(workers, device, 2))
+
+    def gather(self, idx: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = idx.tolist()
+        self._batches.batches = [ids[i:i + self.batch] for i in range(0, len(ids), self.batch)]
+        try:
+            got = list(self.loader)
+        except DataError as e:
+            raise _worker_error(e) from None
+        x = torch.cat([b for b, _ in got]).to(self.device, non_blocking=True)
+        y = torch.cat([b for _, b in got]).to(self.device, non_blocking=True)
+        return x.permute(0, 2, 3, 1), y

@@ -86,7 +86,8 @@ def eval_main(cfg, target: Path) -> dict:
         model, meta = load_weights(target, env.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank)
+        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
+                             cfg.data.size, cfg.data.channels)
         split = store["test" if "test" in store.splits else "val"]
         if store.shape[2] != meta["in_channels"] or len(store.classes) != meta["num_classes"]:
             from phalanx.data.idx import DataError

@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from phalanx import config as C
 from phalanx import faults
+from phalanx.data import streaming
 from phalanx.data.augment import Normalize
 from phalanx.data.loader import SplitOnDevice, TrainLoader
 from phalanx.data.sampler import GlobalSampler
@@ -182,7 +183,12 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
 
     # ---- data: local rank 0 prepares the store once per node; every rank maps the same files
     env.phase = "preparing the data"
-    store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank)
+    if cfg.data.stream:  # no store: DataLoader workers decode the ImageFolder every step
+        workers = streaming.stream_workers(cfg.data.stream_workers, env.local_world)
+        store = streaming.open_folder_stream(cfg.data.path, cfg.data.size, cfg.data.channels, workers, env.is_main)
+    else:
+        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
+                             cfg.data.size, cfg.data.channels)
     train_split, test_split = store["train"], store["test" if "test" in store.splits else "val"]
     h, w, c = store.shape
     world_batch_ok = cfg.global_batch // cfg.grad_accum >= env.world
@@ -191,8 +197,13 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                             f"per micro-step than the {env.world} ranks")
     sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, cfg.grad_accum)
     normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last)
-    loader = TrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed, cfg.data.prefetch)
-    test_data = SplitOnDevice(test_split, env.device, resident=loader.source.images is not None)
+    if cfg.data.stream:
+        loader = streaming.StreamTrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed,
+                                             workers)
+        test_data = streaming.StreamSplit(test_split, env.device, workers)
+    else:
+        loader = TrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed, cfg.data.prefetch)
+        test_data = SplitOnDevice(test_split, env.device, resident=loader.source.images is not None)
 
     # ---- model, optimizer, schedule, precision, EMA
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
