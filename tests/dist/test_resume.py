@@ -64,6 +64,22 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(reference, cache_dir, small_
     assert_same_weights(reference["1"], run_dir)
 
 
+def test_starting_a_finished_run_again_trains_nothing(reference, cache_dir, small_idx, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["1"], run_dir)
+    before_metrics = (run_dir / "metrics.jsonl").read_text()
+    weights = (run_dir / "model.safetensors").read_bytes()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    r = run_phalanx(cmd(small_idx, run_dir, 1), cache_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nothing left to train" in r.stdout and "step-00000020" in r.stdout, r.stdout
+    new_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text()[len(before_metrics):].splitlines()]
+    assert not [x for x in new_rows if x["event"] in ("train", "eval")], new_rows
+    assert (run_dir / "model.safetensors").read_bytes() == weights
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["acc"] == summary["acc"] and again["global_step"] == summary["global_step"] == 20
+
+
 def test_sigkill_of_a_rank_under_elastic_restarts_matches_uninterrupted(reference, cache_dir, small_idx, tmp_path):
     run_dir = tmp_path / "run"
     r = run_phalanx(cmd(small_idx, run_dir, 2, "--max-restarts", "3", "--ckpt.every_steps", "3",

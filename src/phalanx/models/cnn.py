@@ -47,17 +47,20 @@ def conv_bn(cin: int, cout: int, norm: str = "batch", act: str = "relu") -> nn.S
 
 
 class PhalanxCNN(nn.Module):
-    """Stem at full resolution, then two stages of two convs, each stage after a 2x pooling.
+    """A stem conv at full resolution, then two stages of two convs, each stage at half the resolution.
 
-    Widths (w/2, w, 2w) with w=64 by default. Most compute sits at 14x14 and 7x7, where oneDNN and
-    tensor cores are efficient; global max+mean pooling keeps the head small and translation-robust.
+    Widths (w/2, w, 2w). The stem's output is max-pooled *before* its norm and activation (as in
+    airbench): the same function class for a positive BN scale, but the norm and activation, which
+    cost more than the small convs on a CPU, run on a quarter of the elements (measured ~15% faster
+    per step on 2 CPU cores). Global max+mean pooling keeps the head small and translation-robust.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch",
                  act: str = "relu"):
         super().__init__()
         a, b, c = max(8, width // 2), width, 2 * width
-        self.stem = conv_bn(in_channels, a, norm, act)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, a, 3, padding=1, bias=norm == "none"), nn.MaxPool2d(2),
+                                  norm_layer(norm, a), ACTIVATIONS[act]())
         self.stage1 = nn.Sequential(conv_bn(a, b, norm, act), conv_bn(b, b, norm, act))
         self.stage2 = nn.Sequential(conv_bn(b, c, norm, act), conv_bn(c, c, norm, act))
         self.head = nn.Linear(2 * c, num_classes, bias=False)
@@ -65,7 +68,7 @@ class PhalanxCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        x = self.stage1(F.max_pool2d(x, 2))
+        x = self.stage1(x)
         x = self.stage2(F.max_pool2d(x, 2))
         x = torch.cat([F.adaptive_max_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)], 1).flatten(1)
         return self.head(x) * self.scale

@@ -266,6 +266,9 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                  f"written by {st.get('world')} ranks, now {env.world}")
         if pos.step >= steps_per_epoch:
             pos = Position(pos.epoch + 1, 0, pos.global_step)
+        if pos.global_step >= total_steps or pos.epoch >= cfg.epochs:
+            log.info(f"{found} is the end of this run ({pos.global_step} steps): nothing left to train; "
+                     f"re-exporting its weights (raise --epochs, or use another --run_dir, to train more)")
 
     def save_checkpoint(reason: str) -> Path | None:
         env.phase = f"writing a checkpoint ({reason})"
@@ -391,8 +394,8 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                 result = res
             if finished_epoch:
                 pos = Position(epoch + 1, 0, pos.global_step)
-                if cfg.ckpt.at_epoch_end and not last:
-                    save_checkpoint("end of epoch")
+                if cfg.ckpt.at_epoch_end:  # also after the last epoch: re-running a finished run trains nothing
+                    save_checkpoint("end of training" if last else "end of epoch")
                     last_ckpt_time = time.monotonic()
     finally:
         progress.close()
@@ -400,6 +403,8 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
         if samples_log is not None:
             samples_log.close()
 
+    if not result and history:  # a finished run started again: its last evaluation is the result
+        result = history[-1]
     # ---- final weights, plain: loadable with load_state_dict into the model class, no prefixes
     if not stopped_early and env.is_main:
         meta = {"model": cfg.model.name, "width": cfg.model.width, "norm": cfg.model.norm, "act": cfg.model.act, "num_classes": len(store.classes),
