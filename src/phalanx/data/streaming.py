@@ -47,6 +47,8 @@ class ImageFolderStream(Dataset):
 
     `split`: "train", "val"/"test" (as `phalanx data prepare` would split the tree) or "all".
     With `encoded=True` items are (the file's bytes as a 1-D uint8 tensor, label), for GPU decoding.
+    A DataLoader fetches whole batches through `__getitems__`, already collated: give it
+    `collate_fn=pass_batch` (streaming_loader, StreamTrainLoader and StreamSplit do).
     An unreadable file raises DataError naming it (prepare with --skip-bad to train around them).
     """
 
