@@ -6,7 +6,8 @@
     flip + normalise): images/s of one rank running on one thread, vs 20x the default recipe's
     training throughput (--train-img-s, default 2000 img/s measured on this 2-core machine).
 (b) a generated JPEG ImageFolder at 64x64 and 224x224: Phalanx's streaming path (DataLoader workers
-    decoding with torchvision.io to uint8) vs torchvision ImageFolder + Resize/CenterCrop/ToTensor/
+    each decoding a whole batch to uint8 with imageio.decode_chw: libjpeg's 1/2-1/8 scaled decode
+    where the JPEG is at least twice the size, torchvision.io otherwise) vs torchvision ImageFolder + Resize/CenterCrop/ToTensor/
     RandomHorizontalFlip + DataLoader, equal workers, batch and prefetch. Epochs after the first are
     timed (workers started, files in the page cache), alternating, best of each. Two ratios: the
     loaders alone (Phalanx hands uint8 to the device, which flips and normalises), and Phalanx with
