@@ -5,10 +5,15 @@ from phalanx.cli import main
 
 
 def test_default_recipe_resolves_and_validates():
+    import tomllib
+    from pathlib import Path
+    recipe = tomllib.loads((Path(C.__file__).parent / "recipes" / "fashion_mnist.toml").read_text())
     cfg = C.build_config(None, [])
     assert cfg.model.name == "phalanx_cnn"
     assert cfg.data.path == "fashion_mnist"
-    assert cfg.global_batch == 256
+    # the recipe's values, not the dataclass defaults, are what `phalanx train` runs
+    assert (cfg.epochs, cfg.global_batch, cfg.optim.lr) == (recipe["epochs"], recipe["global_batch"],
+                                                            recipe["optim"]["lr"])
 
 
 def test_overrides_dotted_and_leaf_names_and_types():
