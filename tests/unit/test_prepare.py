@@ -165,6 +165,7 @@ def test_killed_prepare_is_not_taken_as_complete(folder, tmp_path):
         proc.wait()
     assert not is_store(out)
     assert is_store(P.prepare(folder, out, size=16, workers=1, skip_bad=True, progress=False))
+    assert no_partials(out), "the next prepare removes what the killed one left"
 
 
 def test_rerun_is_idempotent_and_a_changed_tree_is_prepared_again(folder, tmp_path):
@@ -391,3 +392,25 @@ def test_training_prepares_an_imagefolder_into_the_cache(tmp_path):
     assert list((tmp_path / "runs").glob("*/model.safetensors"))
     stores = list((tmp_path / "cache" / "stores").glob("photos-imagefolder-*"))
     assert len(stores) == 1 and open_store(stores[0]).shape == (16, 16, 3)
+
+
+def test_a_store_committed_meanwhile_with_the_same_images_is_kept(tmp_path):
+    """Two nodes preparing into one shared cache: the second commit keeps the first store (ranks may
+    have mapped it) when the images are the same, and replaces it when they differ."""
+    from phalanx.data.store import StoreWriter
+    out = tmp_path / "store"
+    images = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8, 1)
+    labels = np.array([0, 1, 0, 1])
+
+    def write(imgs):
+        w = StoreWriter(out, ["a", "b"], (8, 8, 1), source="x")
+        w.add_split("train", imgs, labels)
+        return w.commit()
+
+    write(images)
+    first = (out / "train-images.npy").stat().st_ino
+    write(images)  # the same images committed again, as by a second node
+    assert (out / "train-images.npy").stat().st_ino == first and no_partials(out)
+    write(images[::-1].copy())  # other images: the new store replaces the old one
+    assert (out / "train-images.npy").stat().st_ino != first and no_partials(out)
+    assert np.array_equal(open_store(out)["train"].images, images[::-1])

@@ -10,9 +10,11 @@ interrupted prepare never leaves something that looks complete.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +127,45 @@ def open_store(path: str | Path) -> Store:
     return store
 
 
+def _same_data(path: Path, manifest: dict) -> bool:
+    """True when `path` is a complete store with exactly the classes, shape and split files (by
+    SHA-256) of `manifest`."""
+    try:
+        theirs = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+
+    def key(m: dict) -> tuple:
+        return (m.get("classes"), m.get("shape"), m.get("options"),
+                {n: (i.get("count"), i.get("sha256")) for n, i in m.get("splits", {}).items()})
+    return isinstance(theirs, dict) and key(theirs) == key(manifest)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path, host: str) -> list[Path]:
+    """Remove the partial stores of `out` that killed prepares on this host left behind (their
+    process is gone); partials of live prepares and of other hosts sharing the folder stay."""
+    prefix = f"{out.name}.partial-{host}-"
+    removed = []
+    for p in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 class StoreWriter:
-    """Builds a store in `OUT.partial-<pid>`, then renames it to OUT once the manifest is written.
+    """Builds a store in `OUT.partial-<host>-<pid>`, then renames it to OUT once the manifest is written.
 
     Usage: `w = StoreWriter(out, classes, shape, source, options)`, then `w.add_split(...)` per split
     (or `w.open_split` + fill the returned memmaps for streaming writers), then `w.commit()`.
@@ -140,7 +179,9 @@ class StoreWriter:
         if self.out.exists() and not is_store(self.out) and (not self.out.is_dir() or any(self.out.iterdir())):
             raise DataError(f"{self.out}: exists and is not a prepared store; choose another output folder "
                             f"(it would be replaced)")
-        self.tmp = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
+        host = socket.gethostname().replace(os.sep, "_")
+        self.tmp = self.out.with_name(f"{self.out.name}.partial-{host}-{os.getpid()}")
+        remove_stale_partials(self.out, host)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
@@ -218,6 +259,11 @@ class StoreWriter:
             os.fsync(f.fileno())
         os.replace(mtmp, self.tmp / MANIFEST)
         fsync_path(self.tmp)
+        if _same_data(self.out, self.manifest):
+            # Another process (another node sharing this cache, say) committed the same images first:
+            # keep its store, whose files ranks may already have mapped, and drop this copy.
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return self.out
         if self.out.exists():  # replacing an older or incomplete store
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
