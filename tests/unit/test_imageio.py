@@ -207,3 +207,32 @@ def test_jpeg_size_reads_the_frame_header(tmp_path, kw):
     assert jpeg_size(data) == (37, 53)
     assert jpeg_size(data[:20]) is None  # cut before the frame header
     assert jpeg_size(b"\xff\xd8\xff\xda\x00\x02") is None  # scan before any frame header
+
+
+@pytest.mark.parametrize("h,w,size,kw", [(332, 423, 64, {}), (200, 150, 64, {}), (129, 300, 32, {"progressive": True}),
+                                         (300, 300, 16, {"gray": True}), (77, 41, 9, {})])
+def test_turbo_and_pil_reduced_decodes_give_the_same_pixels(tmp_path, h, w, size, kw):
+    pytest.importorskip("simplejpeg")
+    from phalanx.data import imageio as io
+    gray = kw.pop("gray", False)
+    img = photo(h, w).convert("L") if gray else photo(h, w)
+    img.save(tmp_path / "x.jpg", quality=90, **kw)
+    data, _ = io.read_encoded(tmp_path / "x.jpg")
+    turbo = io._decode_jpeg_turbo(data, h, w, size)
+    pil = io._decode_jpeg_reduced(data, size)
+    assert turbo is not None and pil is not None
+    assert turbo.shape == pil.shape and turbo.shape[0] == 3 and min(turbo.shape[1:]) >= size
+    assert torch.equal(turbo, pil)
+    assert torch.equal(decode_chw(data, size, 3), fit(pil, size, 3))  # decode_chw takes the turbo path
+
+
+def test_jpeg_with_exif_takes_the_pil_path(tmp_path):
+    from phalanx.data.imageio import jpeg_header
+    img = photo(64, 96)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: only PIL applies it
+    img.save(tmp_path / "r.jpg", quality=90, exif=exif)
+    img.save(tmp_path / "n.jpg", quality=90)
+    assert jpeg_header((tmp_path / "r.jpg").read_bytes()) == (64, 96, True)
+    assert jpeg_header((tmp_path / "n.jpg").read_bytes()) == (64, 96, False)
+    assert decode_chw(tmp_path / "r.jpg", 16, 3).shape == (3, 16, 16)

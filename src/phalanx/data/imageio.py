@@ -3,8 +3,10 @@
 `phalanx data prepare`, the streaming loader and `phalanx predict` all go through `decode_chw`, so
 an image is turned into exactly the same bytes whether it was prepared, streamed or predicted.
 
-    bytes -> JPEG at least twice `size` on its shorter side: libjpeg's reduced-scale decode (PIL
-             `Image.draft`: 1/2, 1/4 or 1/8, the smallest keeping both sides >= size)
+    bytes -> JPEG at least twice `size` on its shorter side: libjpeg's reduced-scale decode (1/2,
+             1/4 or 1/8, the smallest keeping both sides >= size, as PIL's `Image.draft` picks),
+             through libjpeg-turbo's API (simplejpeg) when the file has no Exif, else through PIL,
+             which applies the Exif orientation; both give the same pixels
           -> otherwise torchvision.io.decode_image (JPEG, PNG, GIF, WebP; palette, alpha, gray, 16-bit)
           -> PIL for the rest (BMP, TIFF, PPM, ...) or when torchvision.io refuses a file
           -> RGB uint8 -> 1 channel (PIL's integer luma formula) if asked
@@ -134,14 +136,14 @@ def _decode_pil(data: torch.Tensor) -> torch.Tensor:
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's start-of-frame header, or None when it cannot be found.
+def jpeg_header(data: bytes | memoryview) -> tuple[int, int, bool] | None:
+    """(height, width, has an Exif segment) from a JPEG's markers, or None when no frame header is found.
 
     Written by hand because it is on the hot path of the streaming loader: walking the few marker
     segments costs microseconds, where opening the file with PIL to learn its size costs ~0.2 ms,
     about an eighth of decoding a 400-px JPEG.
     """
-    n, i = len(data), 2
+    n, i, exif = len(data), 2, False
     while i + 9 <= n:
         if data[i] != 0xFF:
             return None
@@ -153,12 +155,45 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
             i += 2
             continue
         length = (data[i + 2] << 8) | data[i + 3]
+        if marker == 0xE1 and bytes(data[i + 4:i + 8]) == b"Exif":
+            exif = True
         if marker in _SOF:
-            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], exif
         if marker == 0xDA or length < 2:  # start of scan before any frame header: malformed
             return None
         i += 2 + length
     return None
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, or None."""
+    h = jpeg_header(data)
+    return None if h is None else h[:2]
+
+
+def _reduced_scale(h: int, w: int, min_side: int) -> int:
+    """PIL's `draft` rule: the largest of 8, 4, 2, 1 not above min(h // min_side, w // min_side)."""
+    r = min(h // min_side, w // min_side)
+    return next(d for d in (8, 4, 2, 1) if r >= d)
+
+
+def _decode_jpeg_turbo(data: torch.Tensor, h: int, w: int, min_side: int) -> torch.Tensor | None:
+    """The reduced-scale decode of `_decode_jpeg_reduced` through libjpeg-turbo's own API (simplejpeg):
+    the same libjpeg scaled IDCT, so the same pixels, without PIL's per-file overhead (~25% less
+    time per 64-px image here). For JPEGs without Exif (nothing to rotate); None when simplejpeg is
+    missing or refuses the file (CMYK, ...), and the PIL path takes over."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    d = _reduced_scale(h, w, min_side)
+    try:  # min_factor=d and a minimum size of the 1/d image make libjpeg-turbo pick exactly 1/d
+        a = simplejpeg.decode_jpeg(data.numpy(), "RGB", min_height=-(-h // d), min_width=-(-w // d), min_factor=d)
+    except (ValueError, RuntimeError):
+        return None
+    if a.shape[:2] != (-(-h // d), -(-w // d)):  # another factor was picked (only for tiny images)
+        return None
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def _decode_jpeg_reduced(data: torch.Tensor, min_side: int) -> torch.Tensor | None:
@@ -191,8 +226,11 @@ def decode_rgb(source: str | Path | bytes | torch.Tensor, min_side: int = 0) -> 
     if data.numel() == 0:
         raise DecodeError(name, "empty file (0 bytes)")
     fmt = sniff(data[:16].numpy().tobytes())
-    if fmt == "jpeg" and min_side > 0 and min(jpeg_size(memoryview(data.numpy())) or (0, 0)) >= 2 * min_side:
-        img = _decode_jpeg_reduced(data, min_side)
+    header = jpeg_header(memoryview(data.numpy())) if fmt == "jpeg" and min_side > 0 else None
+    if header is not None and min(header[:2]) >= 2 * min_side:
+        img = None if header[2] else _decode_jpeg_turbo(data, header[0], header[1], min_side)
+        if img is None:  # Exif (PIL applies its orientation), no simplejpeg, or a file it refuses
+            img = _decode_jpeg_reduced(data, min_side)
         if img is not None:
             return img
     first_error = None
