@@ -105,6 +105,21 @@ def test_streamed_run_ends_with_the_weights_of_the_prepared_run(folder, tmp_path
     assert ms == mp  # classes, size, mean/std for export and predict
 
 
+def test_eval_of_a_streamed_run_of_a_grayscale_folder_uses_its_channels(tmp_path, capsys):
+    gray = tmp_path / "gray"
+    for c in ("a", "b"):
+        (gray / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((20, 20), 12 * i + (120 if c == "b" else 0), np.uint8)).save(gray / c / f"{i}.png")
+    run = _train(gray, tmp_path, "streamed", "--data.stream", "true", "--data.stream_workers", "1")
+    assert "channels = 3" in (run / "config.toml").read_text()  # streaming reads RGB unless told
+    capsys.readouterr()
+    assert main(["eval", str(run), "--nproc", "1", "--data.cache_dir", str(tmp_path / "cache")]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert (got["correct"], got["count"]) == (summary["correct"], summary["count"])
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--data.stream", "true"], "data.size=0: --data.stream needs the image side"),
     (["--data.stream", "true", "--data.size", "8", "--data", "STORE"], "this is not an ImageFolder"),

@@ -186,6 +186,10 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     if cfg.data.stream:  # no store: DataLoader workers decode the ImageFolder every step
         workers = streaming.stream_workers(cfg.data.stream_workers, env.local_world)
         store = streaming.open_folder_stream(cfg.data.path, cfg.data.size, cfg.data.channels, workers, env.is_main)
+        if not cfg.data.channels:  # record the choice, so `phalanx eval RUN_DIR` prepares the same channels
+            cfg.data.channels = store.shape[2]
+            if env.is_main:
+                (run_dir / "config.toml").write_text(C.to_toml(cfg))
     else:
         store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
                              cfg.data.size, cfg.data.channels)
