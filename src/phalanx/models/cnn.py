@@ -47,9 +47,10 @@ def conv_bn(cin: int, cout: int, norm: str = "batch", act: str = "relu") -> nn.S
 
 
 class PhalanxCNN(nn.Module):
-    """A stem conv at full resolution, then two stages of two convs, each stage at half the resolution.
+    """A stem conv at full resolution, then two convs at half and three at a quarter of it.
 
-    Widths (w/2, w, 2w). The stem's output is max-pooled *before* its norm and activation (as in
+    Widths (w/2, w, 2w). The third conv at 7x7 (for 28x28 inputs) is the cheapest depth to add on a
+    CPU: with the default recipe it reached 92.37% after 6 epochs where two convs needed 8 for 92.42%. The stem's output is max-pooled *before* its norm and activation (as in
     airbench): the same function class for a positive BN scale, but the norm and activation, which
     cost more than the small convs on a CPU, run on a quarter of the elements (measured ~15% faster
     per step on 2 CPU cores). Global max+mean pooling keeps the head small and translation-robust.
@@ -62,7 +63,7 @@ class PhalanxCNN(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_channels, a, 3, padding=1, bias=norm == "none"), nn.MaxPool2d(2),
                                   norm_layer(norm, a), ACTIVATIONS[act]())
         self.stage1 = nn.Sequential(conv_bn(a, b, norm, act), conv_bn(b, b, norm, act))
-        self.stage2 = nn.Sequential(conv_bn(b, c, norm, act), conv_bn(c, c, norm, act))
+        self.stage2 = nn.Sequential(conv_bn(b, c, norm, act), conv_bn(c, c, norm, act), conv_bn(c, c, norm, act))
         self.head = nn.Linear(2 * c, num_classes, bias=False)
         self.scale = 0.125  # tempers the head's logits early in training, as in airbench
 
