@@ -199,14 +199,14 @@ def test_decode_error_survives_pickling_and_one_argument_construction():
 
 @pytest.mark.parametrize("kw", [{}, {"progressive": True}, {"exif": b"Exif\x00\x00" + b"\x00" * 300}, {"gray": True}])
 def test_jpeg_size_reads_the_frame_header(tmp_path, kw):
-    from phalanx.data.imageio import jpeg_size
+    from phalanx.data.imageio import jpeg_header
     gray = kw.pop("gray", False)
     img = photo(37, 53).convert("L") if gray else photo(37, 53)
     img.save(tmp_path / "x.jpg", quality=90, **kw)
     data = (tmp_path / "x.jpg").read_bytes()
-    assert jpeg_size(data) == (37, 53)
-    assert jpeg_size(data[:20]) is None  # cut before the frame header
-    assert jpeg_size(b"\xff\xd8\xff\xda\x00\x02") is None  # scan before any frame header
+    assert jpeg_header(data)[:2] == (37, 53)
+    assert jpeg_header(data[:20]) is None  # cut before the frame header
+    assert jpeg_header(b"\xff\xd8\xff\xda\x00\x02") is None  # scan before any frame header
 
 
 @pytest.mark.parametrize("h,w,size,kw", [(332, 423, 64, {}), (200, 150, 64, {}), (129, 300, 32, {"progressive": True}),

@@ -165,12 +165,6 @@ def jpeg_header(data: bytes | memoryview) -> tuple[int, int, bool] | None:
     return None
 
 
-def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's frame header, or None."""
-    h = jpeg_header(data)
-    return None if h is None else h[:2]
-
-
 def _reduced_scale(h: int, w: int, min_side: int) -> int:
     """PIL's `draft` rule: the largest of 8, 4, 2, 1 not above min(h // min_side, w // min_side)."""
     r = min(h // min_side, w // min_side)
@@ -187,11 +181,12 @@ def _decode_jpeg_turbo(data: torch.Tensor, h: int, w: int, min_side: int) -> tor
     except ImportError:
         return None
     d = _reduced_scale(h, w, min_side)
+    hd, wd = -(-h // d), -(-w // d)  # libjpeg's size at scale 1/d (rounded up)
     try:  # min_factor=d and a minimum size of the 1/d image make libjpeg-turbo pick exactly 1/d
-        a = simplejpeg.decode_jpeg(data.numpy(), "RGB", min_height=-(-h // d), min_width=-(-w // d), min_factor=d)
+        a = simplejpeg.decode_jpeg(data.numpy(), "RGB", min_height=hd, min_width=wd, min_factor=d)
     except (ValueError, RuntimeError):
         return None
-    if a.shape[:2] != (-(-h // d), -(-w // d)):  # another factor was picked (only for tiny images)
+    if a.shape[:2] != (hd, wd):  # another factor was picked (only for tiny images)
         return None
     return torch.from_numpy(a).permute(2, 0, 1)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -127,16 +127,27 @@ class TrainLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's augmented micro-batches of `epoch`, from `start_step` on."""
         raw = self._prefetched(epoch, start_step) if self.prefetch else self._raw(epoch, start_step)
-        s = self.sampler
-        params, params_step = None, -1
-        for step, micro, idx, x, y in raw:
-            start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
-            if step != params_step:
-                params, params_step = draw_params(self.augment, s.global_batch, self.h, self.w, self.seed, epoch,
-                                                  step), step
-            off = start - step * s.global_batch + lo  # this part's position within the global batch
-            x = augment_uint8(to_nchw(x), self.augment, params.slice(off, off + length))
-            yield Batch(step, micro, self.normalize(x), y, idx)
+        parts = ((step, micro, idx, to_nchw(x), y) for step, micro, idx, x, y in raw)
+        yield from augmented(parts, self.sampler, self.augment, self.normalize, self.h, self.w, self.seed, epoch)
+
+
+def augmented(parts: Iterable[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]], sampler: GlobalSampler,
+              augment: AugmentConfig, normalize: Normalize, h: int, w: int, seed: int, epoch: int
+              ) -> Iterator[Batch]:
+    """(step, micro, idx, uint8 NCHW images, labels) of this rank, on the device -> augmented Batches.
+
+    Draws are made once per global batch (seed, epoch, step) and each part applies its slice, so a
+    sample's augmentation does not depend on the world size or on gradient accumulation.
+    """
+    s = sampler
+    params, params_step = None, -1
+    for step, micro, idx, x, y in parts:
+        start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
+        if step != params_step:
+            params, params_step = draw_params(augment, s.global_batch, h, w, seed, epoch, step), step
+        off = start - step * s.global_batch + lo  # this part's position within the global batch
+        x = augment_uint8(x, augment, params.slice(off, off + length))
+        yield Batch(step, micro, normalize(x), y, idx)
 
 
 def eval_chunks(n: int, chunk: int, world: int, rank: int) -> list[tuple[int, int, int]]:

@@ -30,12 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from phalanx.config import AugmentConfig
-from phalanx.data.augment import Normalize, augment_uint8, draw_params
+from phalanx.data.augment import Normalize
 from phalanx.data.idx import DataError
 from phalanx.data.imageio import decode_chw, fit, read_encoded, sniff
-from phalanx.data.loader import Batch
+from phalanx.data.loader import Batch, augmented
 from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
-from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
+from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import channel_stats
 
 # Images decoded to compute the normalisation's mean/std of a streamed folder (all when fewer).
@@ -329,23 +329,18 @@ class StreamTrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's augmented micro-batches of `epoch`, from `start_step` on."""
-        s = self.sampler
         self.batches.set_epoch(epoch, start_step)
-        params, params_step = None, -1
-        decoded = iter(self.loader)
-        for step, micro, idx in s.epoch(epoch, start_step):
+        yield from augmented(self._decoded(epoch, start_step), self.sampler, self.augment, self.normalize,
+                             self.h, self.w, self.seed, epoch)
+
+    def _decoded(self, epoch: int, start_step: int):
+        decoded = iter(self.loader)  # the n-th batch is micro-step n of the epoch (RankBatches)
+        for step, micro, idx in self.sampler.epoch(epoch, start_step):
             try:
                 x, y = next(decoded)
             except DataError as e:
                 raise _worker_error(e) from None
-            start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
-            if step != params_step:
-                params, params_step = draw_params(self.augment, s.global_batch, self.h, self.w, self.seed, epoch,
-                                                  step), step
-            off = start - step * s.global_batch + lo  # this part's position within the global batch
-            x = x.to(self.device, non_blocking=True)
-            x = augment_uint8(x, self.augment, params.slice(off, off + length))
-            yield Batch(step, micro, self.normalize(x), y.to(self.device, non_blocking=True), idx)
+            yield step, micro, idx, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class _Batches:
