@@ -36,6 +36,15 @@ def to_nchw(images_nhwc: torch.Tensor) -> torch.Tensor:
     return images_nhwc.permute(0, 3, 1, 2)
 
 
+def evenly_spaced(split, n: int) -> torch.Tensor:
+    """uint8 (n, C, H, W) images spread evenly over a split: a store's split, or a streamed folder's
+    dataset (decoded here). Sorted class folders then contribute alike."""
+    idx = np.linspace(0, len(split) - 1, min(n, len(split))).round().astype(np.int64)
+    if isinstance(getattr(split, "images", None), np.ndarray):
+        return to_nchw(torch.from_numpy(np.take(split.images, idx, axis=0)))
+    return split.__getitems__(idx.tolist())[0]
+
+
 class SplitOnDevice:
     """Gathers batches of a split, from its memmap or from a copy resident on the device."""
 

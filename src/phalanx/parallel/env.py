@@ -27,6 +27,28 @@ def threads_per_rank(pcfg: ParallelConfig, local_world: int) -> int:
     return pcfg.threads_per_rank or max(1, usable_cores() // local_world)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process; True when it took effect.
+
+    Each training step allocates and frees the same few-MB activation tensors. By default glibc
+    serves blocks that large with mmap (or trims the heap top), so every step faults fresh pages in
+    again: ~10% of a small CNN's CPU step here. A fixed mmap threshold (its 32 MiB maximum) and a
+    high trim threshold keep those blocks for reuse; resident memory stays at the step's peak.
+    jemalloc or tcmalloc (LD_PRELOAD) do the same job; this needs nothing installed.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def is_worker() -> bool:
     """True inside a process started by torchrun / the elastic agent."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -76,6 +98,8 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
     )
     e.device = pick_device(device_pref, e.local_rank)
     e.threads = threads_per_rank(pcfg, e.local_world)
+    if e.device.type == "cpu" and pcfg.keep_cpu_memory:
+        keep_freed_memory()
     torch.set_num_threads(e.threads)
     if e.world > 1:
         backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if e.device.type == "cuda" else "gloo")

@@ -26,7 +26,7 @@ from phalanx import config as C
 from phalanx import faults
 from phalanx.data import streaming
 from phalanx.data.augment import Normalize
-from phalanx.data.loader import SplitOnDevice, TrainLoader
+from phalanx.data.loader import SplitOnDevice, TrainLoader, evenly_spaced
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.sources import open_on_node
 from phalanx.models import build_model
@@ -43,8 +43,9 @@ from phalanx.train.evaluate import evaluate
 
 def build_optimizer(model: nn.Module, cfg: C.OptimConfig) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only: decaying norms and biases only hurts."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    params = [p for p in model.parameters() if p.requires_grad]  # not a frozen whitening stem
+    decay = [p for p in params if p.ndim > 1]
+    rest = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -214,6 +215,8 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width, cfg.model.norm, cfg.model.act)
+    if cfg.model.whiten and hasattr(net, "whiten_stem"):  # before DDP's broadcast; a resume overwrites it
+        net.whiten_stem(normalize(evenly_spaced(train_split, 512 if cfg.data.stream else 2048).to(env.device)))
     model = wrap_model(net, cfg, env)
     plain = unwrap(model)
     optimizer = build_optimizer(plain, cfg.optim)
