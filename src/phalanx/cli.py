@@ -113,7 +113,9 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
         # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
         run_dir = Path(cfg.ckpt.resume or cfg.default_run_dir())
         worker_argv.append(f"--run_dir={run_dir}")
-    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir)
+    import torch
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir, cuda)
 
 
 def cmd_eval(argv: list[str]) -> int:

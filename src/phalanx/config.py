@@ -125,6 +125,8 @@ class ParallelConfig:
     """Rendezvous id shared by all nodes of one run."""
     max_restarts: int = 0
     """Times the elastic agent restarts a failed group (resuming from the latest checkpoint)."""
+    start_method: Literal["auto", "fork", "spawn"] = "auto"
+    """How `--nproc N` starts ranks: fork (they inherit the launcher's imported torch, ~2 s sooner), spawn; auto: fork on CPU."""
     threads_per_rank: int = 0
     """CPU threads per rank (0: cores of this node divided among its ranks)."""
     keep_cpu_memory: bool = True

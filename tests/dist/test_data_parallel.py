@@ -44,6 +44,20 @@ def test_two_ranks_through_the_elastic_launcher(cache_dir, small_idx, tmp_path):
     assert r.stdout.count("final test accuracy") == 1
 
 
+def test_forked_and_spawned_ranks_train_the_same_weights(cache_dir, small_idx, tmp_path):
+    # On CPU the launcher forks its ranks (they inherit the imported torch); spawn starts fresh
+    # interpreters. The arithmetic must not notice.
+    rf, df = train(cache_dir, small_idx, tmp_path, 2, "--parallel.start_method", "fork")
+    rs, ds = train(cache_dir, small_idx, tmp_path, 2, "--parallel.start_method", "spawn")
+    assert rf.returncode == 0 and rs.returncode == 0, rf.stdout + rf.stderr + rs.stdout + rs.stderr
+    a, b = weights(df), weights(ds)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for r in (rf, rs):
+        assert r.stdout.count("final test accuracy") == 1
+
+
 def test_two_nodes_by_c10d_rendezvous_on_loopback(cache_dir, small_idx, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,32 @@ def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
     return argv + ["-m", "phalanx"]
 
 
-def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None) -> int:
+def _forked_rank(*argv: str) -> None:
+    """A rank forked from the launcher: `python -m phalanx ARGV`, minus the ~2 s of importing torch.
+
+    The elastic agent has already set RANK, WORLD_SIZE, MASTER_ADDR... in this process. The
+    signal handlers copied from the agent (which raise its SignalException) are reset, so the rank
+    handles SIGTERM/SIGINT exactly as a spawned one does.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from phalanx.cli import main
+    code = main(list(argv))
+    if code:
+        raise SystemExit(code)
+
+
+def start_method(pcfg: ParallelConfig, cuda: bool) -> str:
+    """fork on CPU: the launcher has imported torch but never touched a device or a thread pool.
+    spawn with CUDA, which cannot be used in a process forked after the parent initialised it."""
+    if pcfg.start_method != "auto":
+        return pcfg.start_method
+    return "spawn" if cuda else "fork"
+
+
+def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None,
+           cuda: bool = False) -> int:
     """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code.
 
     Does what `torch.distributed.run.run` does (parse torchrun flags, `config_from_args`,
@@ -68,6 +93,9 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     config, cmd, cmd_args = config_from_args(args)
     cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
+    config.start_method = start_method(pcfg, cuda)
+    if config.start_method == "fork":  # a function entrypoint: the agent forks, runs it, watches the exit code
+        cmd, cmd_args = _forked_rank, list(module_args)
     # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which
     # finish their step, write a checkpoint and exit 0. So SIGUSR1 here becomes SIGTERM.
     old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))

@@ -160,6 +160,9 @@ def train(cfg: C.Config) -> dict:
             log.error(msg)  # rank 0's console and every rank's file
             if not env.is_main or not log.handlers:
                 print(msg, file=sys.stderr, flush=True)
+            # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
+            # forked ranks are polled together (it checks every 0.5 s under `phalanx train --nproc`).
+            time.sleep(1.0)
             raise SystemExit(1) from None
         raise
     finally:
