@@ -20,7 +20,7 @@ MODELS.update({name: (lambda n: lambda nc, ic, size, width, norm, act: torchvisi
 
 DESCRIPTIONS = {
     "mnist_net": "pytorch/examples MNIST network (2 conv + 2 FC, dropout): the reference",
-    "phalanx_cnn": "house BatchNorm CNN, 6 convs, built for speed on small images (28x28, 32x32)",
+    "phalanx_cnn": "house BatchNorm CNN, whitening stem + 5 convs, built for speed on small images (28x28, 32x32)",
     "phalanx_resnet": "house residual BatchNorm CNN, wider and more accurate, ~3x the compute",
 }
 DESCRIPTIONS.update({n: f"torchvision {n} (random init), input channels adapted" for n in TORCHVISION_MODELS})
