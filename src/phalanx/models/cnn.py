@@ -59,6 +59,8 @@ class PhalanxCNN(nn.Module):
       average pool as well cost ~25% of the step on CPU (its backward mixes memory layouts and
       adds a full pass) for no accuracy gain.
     - The third conv at 7x7 (for 28x28 inputs) is the cheapest depth to add on a CPU.
+    - `whiten_stem` (called by the training loop when `model.whiten` is on, the default) fixes the
+      stem to whitening filters of the training images' patches: +0.65 points after 6 epochs.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, norm: str = "batch",
