@@ -93,7 +93,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None = None) -> int:
     from phalanx.parallel import env as penv
-    from phalanx.parallel.launch import launch, resolve_nproc
+    from phalanx.parallel.launch import launch, resolve_nproc, uses_cuda
 
     nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum)
     if penv.is_worker() or (nproc == 1 and cfg.parallel.nnodes == 1):
@@ -113,9 +113,7 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
         # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
         run_dir = Path(cfg.ckpt.resume or cfg.default_run_dir())
         worker_argv.append(f"--run_dir={run_dir}")
-    import torch
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir, cuda)
+    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir, uses_cuda(cfg.device))
 
 
 def cmd_eval(argv: list[str]) -> int:

@@ -16,12 +16,17 @@ from phalanx.config import ParallelConfig
 from phalanx.parallel.env import usable_cores
 
 
+def uses_cuda(device_pref: str) -> bool:
+    """Whether the ranks of a run with `--device device_pref` will run on GPUs."""
+    return device_pref != "cpu" and torch.cuda.is_available()
+
+
 def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 512) -> tuple[int, str]:
     """(ranks on this node, why): `auto` is one rank per GPU, or on CPU one single-thread rank per core,
     capped so that every rank still gets at least 32 images per step."""
     if pcfg.nproc != "auto":
         return int(pcfg.nproc), "as asked"
-    if device_pref != "cpu" and torch.cuda.is_available():
+    if uses_cuda(device_pref):
         n = torch.cuda.device_count()
         return n, f"one rank per GPU ({n} GPUs)"
     cores = usable_cores()
