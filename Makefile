@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-fast bench setup data clean
+.PHONY: run test test-fast bench setup data clean gpu-pack gpu-check
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ test-fast: data
 bench: data
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/time_to_accuracy.py $(ARGS)
+
+# On this machine: .gpu/ with what the offline GPU machine lacks (Fashion-MNIST, cp312 wheels).
+gpu-pack: data
+	PY=$(PY) bash benchmarks/gpu_pack.sh
+
+# On the GPU machine, with .gpu/ carried: installs from .gpu/ only and prints one JSON line per check.
+gpu-check:
+	python3 benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -397,6 +397,8 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                 res = evaluate(eval_model, test_data, normalize, cfg.eval_batch, env.world, env.rank, amp, cfg.tta_flip)
                 res.update(epoch=epoch + 1, step=pos.global_step, train_img_s=round(imgs_epoch / max(epoch_time, 1e-9), 1),
                            wall_s=round(time.perf_counter() - t_start, 2))
+                if env.device.type == "cuda":  # this rank's peak, training and evaluation included
+                    res["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
                 history.append(res)
                 metrics.write(event="eval", **res)
                 log.info(f"epoch {epoch + 1}/{cfg.epochs}  test acc {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  "
