@@ -16,37 +16,14 @@ from tests.conftest import run_phalanx
 
 pytestmark = pytest.mark.dist
 
-EXACT = ["--threads_per_rank", "1", "--precision", "fp32", "--deterministic", "true", "--progress", "false",
-         "--model.channels_last", "false"]
-# 600 train images / 60 per step = 10 steps per epoch; 2 epochs = 20 steps.
-BASE = ["--epochs", "2", "--global_batch", "60", "--model.width", "16", "--optim.lr", "0.05", "--eval_every", "2",
-        "--ckpt.at_epoch_end", "true"]
-
-
-def cmd(data, run_dir, nproc, *extra):
-    return ["train", "--data", data, "--nproc", nproc, "--run_dir", run_dir, *BASE, *EXACT, *extra]
-
-
-def assert_same_weights(a: Path, b: Path, exact=True):
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        if exact:
-            assert torch.equal(wa[k], wb[k]), f"{k} differs"
-        else:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+from tests.dist.conftest import BASE, EXACT, assert_same_weights, cmd  # noqa: F401  (shared with other files)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir, small_idx):
-    """Uninterrupted runs: 1 rank and 2 ranks (BatchNorm), 1 rank with GroupNorm."""
-    out = tmp_path_factory.mktemp("reference")
-    refs = {}
-    for name, nproc, extra in (("1", 1, ()), ("2", 2, ()), ("1g", 1, ("--model.norm", "group", "--model.act", "gelu"))):
-        r = run_phalanx(cmd(small_idx, out / name, nproc, *extra), cache_dir)
-        assert r.returncode == 0, r.stdout + r.stderr
-        refs[name] = out / name
-    return refs
+def reference(reference_runs):
+    """Uninterrupted runs, trained on first use: 1 rank and 2 ranks (BatchNorm), 1 rank with GroupNorm."""
+    return {"1": lambda: reference_runs(1), "2": lambda: reference_runs(2),
+            "1g": lambda: reference_runs(1, "--model.norm", "group", "--model.act", "gelu")}
 
 
 def test_stop_mid_epoch_and_resume_is_bit_identical(reference, cache_dir, small_idx, tmp_path):
@@ -61,12 +38,12 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(reference, cache_dir, small_
     r = run_phalanx(cmd(small_idx, run_dir, 1), cache_dir)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout and "step 7" in r.stdout
-    assert_same_weights(reference["1"], run_dir)
+    assert_same_weights(reference["1"](), run_dir)
 
 
 def test_starting_a_finished_run_again_trains_nothing(reference, cache_dir, small_idx, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(reference["1"], run_dir)
+    shutil.copytree(reference["1"](), run_dir)
     before_metrics = (run_dir / "metrics.jsonl").read_text()
     weights = (run_dir / "model.safetensors").read_bytes()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -89,13 +66,13 @@ def test_sigkill_of_a_rank_under_elastic_restarts_matches_uninterrupted(referenc
     log0 = (run_dir / "logs" / "rank-0.log").read_text()
     assert "restart 1\n" in log0, r.stdout  # the agent restarted the group once, and that attempt ran
     assert "resumed from" in log0 and "step-00000006" in log0
-    assert_same_weights(reference["2"], run_dir)
+    assert_same_weights(reference["2"](), run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    ref = json.loads((reference["2"] / "summary.json").read_text())
+    ref = json.loads((reference["2"]() / "summary.json").read_text())
+    # The ranks hold one model (norm statistics averaged each step), so the restarted group evaluates
+    # exactly what the uninterrupted one did: same count, same loss to the last bit.
     assert summary["correct"] == ref["correct"]
-    # The weights are bit-identical (above); the evaluated loss was seen to differ in the 8th digit
-    # between a restarted process and an uninterrupted one (EMA model, fp32 CPU kernels).
-    assert summary["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert summary["loss"] == ref["loss"]
 
 
 def test_checkpoint_of_2_ranks_resumes_on_1_and_3_ranks(reference, cache_dir, small_idx, tmp_path):
@@ -111,7 +88,7 @@ def test_checkpoint_of_2_ranks_resumes_on_1_and_3_ranks(reference, cache_dir, sm
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"written by 2 ranks, now {n}" in (dst / "logs" / "rank-0.log").read_text()
         # Same global batch, same data order, same augmentation: the maths of the 1-rank run.
-        assert_same_weights(reference["1g"], dst, exact=False)
+        assert_same_weights(reference["1g"](), dst, exact=False)
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one(reference, cache_dir, small_idx, tmp_path):
@@ -128,7 +105,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(reference, cache
     assert r.returncode == 0, r.stdout + r.stderr
     assert "step-00000003" in r.stdout
     assert not list(root.glob(".step-*.tmp-*")), "stale partial writes are cleaned up"
-    assert_same_weights(reference["1"], run_dir)
+    assert_same_weights(reference["1"](), run_dir)
 
 
 def _wait_for_step(run_dir: Path, proc, timeout=120):
@@ -173,7 +150,7 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(cache_dir, small_idx, t
 
 def test_resume_from_a_tampered_checkpoint_is_refused(reference, cache_dir, small_idx, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(reference["1"], run_dir)
+    shutil.copytree(reference["1"](), run_dir)
     for c in (run_dir / "checkpoints").glob("step-*"):
         f = c / "optim.safetensors"
         b = bytearray(f.read_bytes())
@@ -187,7 +164,7 @@ def test_resume_from_a_tampered_checkpoint_is_refused(reference, cache_dir, smal
 
 def test_resume_with_another_model_is_refused(reference, cache_dir, small_idx, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(reference["1"], run_dir)
+    shutil.copytree(reference["1"](), run_dir)
     r = run_phalanx(["train", "--resume", run_dir, "--data", small_idx, *BASE, *EXACT, "--model.width", "24"],
                     cache_dir)
     assert r.returncode == 1

@@ -22,7 +22,7 @@ class _TqdmHandler(logging.StreamHandler):
 
 def setup_logging(run_dir: Path | None, rank: int, console: bool) -> logging.Logger:
     log = logging.getLogger("phalanx")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)  # DEBUG lines go to the rank's file only
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
@@ -34,6 +34,7 @@ def setup_logging(run_dir: Path | None, rank: int, console: bool) -> logging.Log
         log.addHandler(fh)
     if console:
         ch = _TqdmHandler()
+        ch.setLevel(logging.INFO)
         ch.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(ch)
     return log

@@ -24,9 +24,10 @@ def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
                 raise ConfigError("parallel.sync_bn=True: PyTorch's SyncBatchNorm runs on GPUs only; on CPU use "
                                   "--model.norm=group for statistics independent of the per-rank batch")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        kwargs = {}
-        if cfg.parallel.sync_bn:  # SyncBN keeps its statistics in sync itself
-            kwargs["broadcast_buffers"] = False
+        # No broadcast of rank 0's buffers before each forward: the loop averages the norm statistics
+        # over the ranks after each optimizer step instead (collectives.average_across_ranks), so
+        # every rank holds the same model, with statistics of every rank's shard, not rank 0's.
+        kwargs = {"broadcast_buffers": False}
         with warnings.catch_warnings():  # 2.14 renames broadcast_buffers; 2.11 knows only that name
             warnings.simplefilter("ignore", FutureWarning)
             model = DDP(

@@ -32,7 +32,8 @@ from phalanx.data.sources import open_on_node
 from phalanx.models import build_model
 from phalanx.observe.console import MetricsWriter, Progress, setup_logging
 from phalanx.parallel import env as penv
-from phalanx.parallel.collectives import all_reduce_sum, barrier, broadcast_object
+from phalanx.parallel.collectives import (all_reduce_sum, average_across_ranks, barrier, broadcast_object,
+                                          norm_statistics, ranks_holding)
 from phalanx.parallel.wrap import grad_sync, unwrap, wrap_model
 from phalanx.train import checkpoint as ckpt
 from phalanx.train import precision
@@ -169,6 +170,16 @@ def train(cfg: C.Config) -> dict:
         penv.teardown()
 
 
+def _check_ranks_hold_one_model(model: nn.Module, step: int, log) -> None:
+    """Every rank must evaluate, save and export the same weights: compare their digests."""
+    digests = ranks_holding(model)
+    if len(set(digests)) == 1:
+        log.debug(f"step {step}: the {len(digests)} rank(s) hold one model (state {digests[0]})")
+    else:  # a defect, not a user error: say so loudly, keep training
+        log.error(f"step {step}: ranks hold different models (state digests by rank: {digests}); the "
+                  f"evaluation mixes them and rank 0's copy is saved. Please report this.")
+
+
 def _looks_like_peer_failure(e: BaseException) -> bool:
     s = str(e).lower()
     return any(w in s for w in ("connection", "timed out", "timeout", "peer", "broken pipe", "closed", "gloo",
@@ -222,6 +233,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
         net.whiten_stem(normalize(evenly_spaced(train_split, 512 if cfg.data.stream else 2048).to(env.device)))
     model = wrap_model(net, cfg, env)
     plain = unwrap(model)
+    norm_stats = norm_statistics(plain)  # each rank updates these from its own shard
     optimizer = build_optimizer(plain, cfg.optim)
     steps_per_epoch = sampler.steps
     total_steps = steps_per_epoch * cfg.epochs
@@ -347,6 +359,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                average_across_ranks(norm_stats)  # one model on every rank, before the EMA takes it in
                 if ema is not None:
                     ema.update_parameters(plain)
                 pos.step = batch.step + 1
@@ -399,6 +412,7 @@ def _train(cfg: C.Config, env: penv.DistEnv) -> dict:
                            wall_s=round(time.perf_counter() - t_start, 2))
                 if env.device.type == "cuda":  # this rank's peak, training and evaluation included
                     res["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
+                _check_ranks_hold_one_model(eval_model, pos.global_step, log)
                 history.append(res)
                 metrics.write(event="eval", **res)
                 log.info(f"epoch {epoch + 1}/{cfg.epochs}  test acc {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  "
