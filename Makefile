@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-fast bench setup data clean gpu-pack gpu-check
+.PHONY: run test test-fast lint bench setup data clean gpu-pack gpu-check
 
 setup: $(STAMP)
 
@@ -22,8 +22,11 @@ data: setup
 run: data
 	$(VENV)/bin/phalanx train $(ARGS)
 
-test: data
+test: data lint
 	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
 
 test-fast: data
 	$(PY) -m pytest -q -m "not dist and not e2e" $(ARGS)

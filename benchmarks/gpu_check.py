@@ -11,6 +11,7 @@ subprocess and fresh directory, and prints one JSON line per check (`{"check": N
   recipe_1gpu_16ep  the same recipe stretched to 16 epochs: time to 93% / 94%
   ddp_2rank     2 ranks on the one GPU through DDP with --parallel.backend gloo
   resnet50      ResNet-50 224x224 synthetic-data training throughput, eager and torch.compile
+  prefetch      the store loader's side-stream copies (pinned, prefetched) equal the GPU-resident batches
   loader        benchmarks/loader.py --quick (store loader, JPEG streaming vs torchvision, memory)
 
 A check that fails or runs out of time prints its error and the tail of its output, and the next runs.
@@ -171,6 +172,41 @@ def check_resnet50(compile_: bool, steps: int = 30, batch: int = 256) -> dict:
             "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
+def check_prefetch(tmp: Path, steps: int = 40) -> dict:
+    """TrainLoader copying from host memory on a side stream (pinned, prefetched) gives the same batches
+    as the copy resident on the GPU; img/s of both."""
+    import torch
+
+    from phalanx.config import AugmentConfig
+    from phalanx.data.augment import Normalize
+    from phalanx.data.loader import TrainLoader
+    from phalanx.data.sampler import GlobalSampler
+    from phalanx.data.sources import load_store
+
+    dev = torch.device("cuda", 0)
+    store = load_store("fashion_mnist")
+    split = store["train"]
+    sampler = GlobalSampler(len(split), 512, seed=0)
+    norm = Normalize(store.mean, store.std, dev, channels_last=True)
+    aug = AugmentConfig(crop_pad=2, flip=True, cutout=0)
+    row: dict = {}
+    batches = {}
+    for name, resident in (("prefetched", False), ("resident", True)):
+        loader = TrainLoader(split, sampler, aug, norm, dev, seed=0, prefetch=True, resident=resident)
+        row[f"{name}_uses_side_stream"] = loader.prefetch
+        got, t0 = [], time.perf_counter()
+        for i, b in enumerate(loader.epoch(1)):
+            got.append((b.x.sum(dtype=torch.float64), b.y.clone()))
+            if i + 1 == steps:
+                break
+        torch.cuda.synchronize()
+        row[f"{name}_img_s"] = round(512 * steps / (time.perf_counter() - t0), 1)
+        batches[name] = got
+    row["identical"] = all(bool(torch.equal(ya, yb)) and float(xa) == float(xb)
+                           for (xa, ya), (xb, yb) in zip(batches["prefetched"], batches["resident"]))
+    return row
+
+
 def check_loader(tmp: Path) -> dict:
     out = tmp / "loader.json"
     rc, text = sh([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--quick", "--json-out", str(out)], 200,
@@ -185,27 +221,17 @@ def check_loader(tmp: Path) -> dict:
             "second_rank_adds_frac": res["c_memory"]["second_rank_adds_frac"]}
 
 
-def run_one(name: str, tmp: Path) -> dict:
-    if name == "device":
-        return check_device()
-    if name == "recipe_1gpu":
-        return check_recipe_1gpu(tmp)
-    if name == "recipe_1gpu_16ep":
-        return check_recipe_1gpu_16ep(tmp)
-    if name == "ddp_2rank":
-        return check_ddp_2rank(tmp)
-    if name == "resnet50_eager":
-        return check_resnet50(False)
-    if name == "resnet50_compile":
-        return check_resnet50(True)
-    if name == "loader":
-        return check_loader(tmp)
-    raise SystemExit(f"unknown check {name}")
-
-
-# name -> seconds it may take at most
-CHECKS = {"device": 60, "recipe_1gpu": 160, "recipe_1gpu_16ep": 160, "ddp_2rank": 160, "resnet50_eager": 90, "resnet50_compile": 200,
-          "loader": 220}
+# name -> (the check, given a fresh temporary directory; seconds it may take at most)
+CHECKS = {
+    "device": (lambda tmp: check_device(), 60),
+    "recipe_1gpu": (check_recipe_1gpu, 160),
+    "recipe_1gpu_16ep": (check_recipe_1gpu_16ep, 160),
+    "ddp_2rank": (check_ddp_2rank, 160),
+    "resnet50_eager": (lambda tmp: check_resnet50(False), 90),
+    "resnet50_compile": (lambda tmp: check_resnet50(True), 200),
+    "prefetch": (check_prefetch, 90),
+    "loader": (check_loader, 220),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true", help="use the installed Phalanx / the checkout as is")
     a = ap.parse_args(argv)
     if a.one:
-        emit({"check": a.one, **run_one(a.one, Path(a.tmp))})
+        emit({"check": a.one, **CHECKS[a.one][0](Path(a.tmp))})
         return 0
 
     t_start = time.perf_counter()
@@ -230,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-") as tmp:  # a fresh directory per check
             t0 = time.perf_counter()
-            rc, out = sh([sys.executable, __file__, "--one", name, "--tmp", tmp], min(CHECKS[name], left),
+            rc, out = sh([sys.executable, __file__, "--one", name, "--tmp", tmp], min(CHECKS[name][1], left),
                          env=child_env())
             line = next((x for x in reversed(out.splitlines()) if x.startswith('{"check"')), None)
             if line is None:

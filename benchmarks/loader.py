@@ -41,6 +41,7 @@ if str(SRC) not in sys.path:  # run from a checkout without installing
 
 def bench_store(data: str, quick: bool) -> dict:
     import torch
+
     from phalanx.config import AugmentConfig
     from phalanx.data.augment import Normalize
     from phalanx.data.loader import TrainLoader
@@ -118,7 +119,7 @@ def bench_folder(root: Path, size: int, workers: int, batch: int, prefetch: int,
 
     from phalanx.config import AugmentConfig
     from phalanx.data.augment import Normalize, augment_uint8, draw_params
-    from phalanx.data.streaming import ImageFolderStream, streaming_loader
+    from phalanx.data.streaming import ImageFolderStream, loader_kw, streaming_loader
 
     torch.set_num_threads(1)
     out = {"size": size, "workers": workers, "batch": batch}
@@ -138,8 +139,7 @@ def bench_folder(root: Path, size: int, workers: int, batch: int, prefetch: int,
                                                         T.RandomHorizontalFlip()]))
     assert len(tv_ds) == len(ds), (len(tv_ds), len(ds))
     ph_loader = streaming_loader(root, size, 3, batch, workers, perm, dataset=ds, prefetch_factor=prefetch)
-    tv_loader = DataLoader(tv_ds, batch_size=batch, sampler=perm, num_workers=workers,
-                           persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None)
+    tv_loader = DataLoader(tv_ds, batch_size=batch, sampler=perm, **loader_kw(workers, prefetch_factor=prefetch))
     runs = {"phalanx": (ph_loader, lambda x: None),                # uint8 batches, as the device receives them
             "phalanx+flip+normalize": (ph_loader, phalanx_consume),  # + the device's work, done here on the CPU
             "torchvision": (tv_loader, lambda x: None)}             # float batches, flipped in the workers
@@ -186,6 +186,7 @@ def _smaps_for(prefix: str) -> dict:
 
 def _mem_rank(store_path: str, copy: bool, barrier, q) -> None:
     import numpy as np
+
     from phalanx.data.store import open_store
     split = open_store(store_path)["train"]
     images = np.array(split.images) if copy else split.images
@@ -210,8 +211,9 @@ def _run_ranks(store_path: str, n: int, copy: bool = False) -> list[dict]:
 
 
 def bench_memory(data: str) -> dict:
-    from phalanx.data.sources import load_store
     import shutil
+
+    from phalanx.data.sources import load_store
     store = load_store(data)
     size_kb = store["train"].images.nbytes // 1024
     # A private copy: nobody else (a training run on the same cache) maps these pages, which would
@@ -253,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", default="", help="also write the results to this file")
     a = ap.parse_args(argv)
 
-    from phalanx.data.prepare import usable_cpus
     from phalanx.data.sources import cache_dir
-    workers = a.workers or usable_cpus()
+    from phalanx.runtime.cpu import usable_cores
+    workers = a.workers or usable_cores()
     n_images = a.images or (1000 if a.quick else 3000)
-    res: dict = {"machine": {"cpus": usable_cpus(), "python": sys.version.split()[0]}, "quick": a.quick}
+    res: dict = {"machine": {"cpus": usable_cores(), "python": sys.version.split()[0]}, "quick": a.quick}
     import torch
     import torchvision
     res["machine"].update(torch=torch.__version__, torchvision=torchvision.__version__)

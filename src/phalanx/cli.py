@@ -92,15 +92,15 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None = None) -> int:
-    from phalanx.parallel import env as penv
-    from phalanx.parallel.launch import launch, resolve_nproc, uses_cuda
+    from phalanx.runtime import dist as penv
+    from phalanx.runtime.launch import launch, resolve_nproc
 
     nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum)
     if penv.is_worker() or (nproc == 1 and cfg.parallel.nnodes == 1):
         if sub == "train":
             from phalanx.train.loop import train
-            res = train(cfg)
-            return 0 if res is not None else 1
+            train(cfg)
+            return 0
         from phalanx.train.evaluate import eval_main
         eval_main(cfg, target)
         return 0
@@ -113,7 +113,7 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
         # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
         run_dir = Path(cfg.ckpt.resume or cfg.default_run_dir())
         worker_argv.append(f"--run_dir={run_dir}")
-    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir, uses_cuda(cfg.device))
+    return launch(cfg.parallel, nproc, threads, [sub] + worker_argv, run_dir, cfg.device)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -179,11 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         return _fail(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                      + f"; commands: {', '.join(COMMANDS)}")
-    from phalanx.data.idx import DataError
-    from phalanx.train.checkpoint import CheckpointError
+    from phalanx.errors import CheckpointError, ConfigError, DataError
     try:
         return cmd(argv[1:])
-    except C.ConfigError as e:
+    except ConfigError as e:
         return _fail(str(e))
     except (DataError, CheckpointError) as e:
         print(f"phalanx: error: {e}", file=sys.stderr)

@@ -24,11 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from phalanx.errors import ConfigError
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake: printed as one line, exit code 2."""
 
 
 @dataclass
@@ -320,44 +318,68 @@ def _set_key(cfg: Any, key: str, value: Any) -> None:
     setattr(obj, leaf, value)
 
 
+def _coerce_literal(choices: tuple, value: Any, where: str) -> Any:
+    """One of a Literal's choices, as given."""
+    if value not in choices:
+        raise ConfigError(f"{where}: choose one of {', '.join(map(str, choices))}"
+                          f"{_did_you_mean(str(value), map(str, choices))}")
+    return value
+
+
+def _coerce_bool(value: Any, where: str) -> bool:
+    """A TOML boolean, or a command-line word such as `true`, `0`, `yes` or `off`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: expected true or false")
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    """An integer (not a boolean), or a string in any base Python's literals allow (`0x10`, `1_000`)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 0)
+    except ValueError:
+        raise ConfigError(f"{where}: expected an integer") from None
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    """A number (not a boolean), or a string float() reads."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number") from None
+
+
+def _coerce_str(value: Any, where: str) -> str:
+    """Any scalar as its string; a TOML table or array is refused."""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{where}: expected a string")
+    return str(value)
+
+
+# Matched by identity (`t is bool`), in this order, after Literal.
+_SCALAR_COERCERS: tuple[tuple[type, Any], ...] = (
+    (bool, _coerce_bool), (int, _coerce_int), (float, _coerce_float), (str, _coerce_str))
+
+
 def _coerce(info: FieldInfo, value: Any, origin: str) -> Any:
     """Convert a TOML value or a command-line string to the field's type."""
     t = info.type
     where = f"{info.key}={value!r} ({origin})"
     if get_origin(t) is Literal:
-        choices = get_args(t)
-        if value not in choices:
-            raise ConfigError(f"{where}: choose one of {', '.join(map(str, choices))}"
-                              f"{_did_you_mean(str(value), map(str, choices))}")
-        return value
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: expected true or false")
-    if t is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer")
-        if isinstance(value, int):
-            return value
-        try:
-            return int(str(value), 0)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer") from None
-    if t is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number") from None
-    if t is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string")
-        return str(value)
+        return _coerce_literal(get_args(t), value, where)
+    for scalar, coerce in _SCALAR_COERCERS:
+        if t is scalar:
+            return coerce(value, where)
     raise TypeError(f"unsupported config type {t!r}")  # a programming error, not a user's
 
 
@@ -425,15 +447,6 @@ def build_config(recipe: str | None, overrides: list[tuple[str, str]]) -> Config
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a run's config.json), validating it."""
-    cfg = Config()
-    for key, value in _flatten_toml(d).items():
-        info = _lookup(key, "saved config")
-        _set_key(cfg, info.key, _coerce(info, value, "saved config"))
-    return cfg.validate()
 
 
 def to_toml(cfg: Config) -> str:

@@ -79,7 +79,7 @@ def test_two_nodes_by_c10d_rendezvous_on_loopback(cache_dir, small_idx, tmp_path
 
 def _export_random_weights(folder: Path) -> Path:
     from phalanx.models import build_model
-    from phalanx.train.loop import export_weights
+    from phalanx.train.finish import export_weights
     torch.manual_seed(3)
     m = build_model("phalanx_cnn", 10, 1, 28, 16)
     # Non-trivial BatchNorm statistics, so eval-mode normalisation is exercised.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.dist.test_data_parallel import train, weights
-from tests.unit.test_stream_training import make_jpeg_folder
+from tests.unit.data.test_stream_training import make_jpeg_folder
 
 pytestmark = [pytest.mark.dist, pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]
 

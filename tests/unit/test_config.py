@@ -2,11 +2,13 @@ import pytest
 
 from phalanx import config as C
 from phalanx.cli import main
+from phalanx.errors import ConfigError
 
 
 def test_default_recipe_resolves_and_validates():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
     recipe = tomllib.loads((Path(C.__file__).parent / "recipes" / "fashion_mnist.toml").read_text())
     cfg = C.build_config(None, [])
     assert cfg.model.name == "phalanx_cnn"
@@ -25,14 +27,14 @@ def test_overrides_dotted_and_leaf_names_and_types():
 
 
 def test_unknown_key_suggests_the_closest():
-    with pytest.raises(C.ConfigError, match=r"did you mean 'optim.lr'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.lr'"):
         C.build_config(None, [("optim.lrr", "0.1")])
 
 
 def test_unknown_key_in_recipe_names_the_file(tmp_path):
     r = tmp_path / "r.toml"
     r.write_text("[optim]\nmomentun = 0.9\n")
-    with pytest.raises(C.ConfigError, match=r"r.toml.*did you mean 'optim.momentum'"):
+    with pytest.raises(ConfigError, match=r"r.toml.*did you mean 'optim.momentum'"):
         C.build_config(str(r), [])
 
 
@@ -46,7 +48,7 @@ def test_unknown_key_in_recipe_names_the_file(tmp_path):
     ("tta_flip", "maybe", "expected true or false"),
 ])
 def test_bad_values_fail_with_one_clear_line(key, value, needle):
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         C.build_config(None, [(key, value)])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)

@@ -38,11 +38,13 @@ def train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str
 
 
 def scaling(argv: list[str]) -> int:
-    from phalanx.parallel.env import usable_cores
+    from phalanx import runtime
+    from phalanx.runtime.cpu import usable_cores
     p = argparse.ArgumentParser(prog="phalanx bench scaling", description="img/s for world sizes 1..N and the "
                                 "scaling efficiency; on CPU also compares process x thread layouts.")
-    cuda = torch.cuda.is_available()
-    default_n = torch.cuda.device_count() if cuda else usable_cores()
+    accel = runtime.accelerator()
+    on_devices = accel.device_count() > 0  # ranks bound to devices (GPUs): one thread each
+    default_n = accel.device_count() or usable_cores()
     p.add_argument("--max-world", type=int, default=default_n, help="largest world size (default: GPUs or cores)")
     p.add_argument("--steps", type=int, default=90, help="optimizer steps per measurement (logged every 29)")
     p.add_argument("--global_batch", type=int, default=512, help="global batch (fixed across world sizes)")
@@ -52,17 +54,17 @@ def scaling(argv: list[str]) -> int:
     cores = usable_cores()
     rows = []
     for n in range(1, a.max_world + 1):
-        threads = 1 if cuda else max(1, cores // n)
+        threads = 1 if on_devices else max(1, cores // n)
         rows.append(train_rate(n, threads, a.steps, a.global_batch, a.extra))
     base = rows[0]["img_s"]
     for r in rows:
         r["speedup"] = round(r["img_s"] / base, 3)
         r["efficiency"] = round(r["img_s"] / (base * r["nproc"]), 3)
     layouts = []
-    if not cuda and cores > 1:  # same cores, split differently: processes x threads
+    if not on_devices and cores > 1:  # same cores, split differently: processes x threads
         layouts = [train_rate(1, cores, a.steps, a.global_batch, a.extra),
                    train_rate(cores, 1, a.steps, a.global_batch, a.extra)]
-    out = {"device": "cuda" if cuda else "cpu", "cores": cores, "global_batch": a.global_batch, "steps": a.steps,
+    out = {"device": accel.kind, "cores": cores, "global_batch": a.global_batch, "steps": a.steps,
            "torch": torch.__version__, "scaling": rows, "layouts": layouts,
            "date": time.strftime("%Y-%m-%d")}
     print(f"{'world':>5} {'threads':>7} {'img/s':>9} {'speedup':>8} {'efficiency':>10}")
@@ -82,13 +84,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    from phalanx import runtime
+    sync = runtime.of(device).synchronize
+    sync(device)
     it, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         it += 1
-    sync()
+    sync(device)
     return 2 * n ** 3 * it / (time.perf_counter() - t0)
 
 
@@ -105,8 +108,9 @@ def flops_per_image(model: torch.nn.Module, shape: tuple[int, int, int], batch: 
 
 
 def flops(argv: list[str]) -> int:
+    from phalanx import runtime
     from phalanx.models import build_model
-    from phalanx.train import precision
+    from phalanx.train.precision import Precision
     p = argparse.ArgumentParser(prog="phalanx bench flops", description="FLOPs per image, achieved FLOP/s in "
                                 "training steps and their fraction of a matmul peak measured in the same run.")
     p.add_argument("--model", default="phalanx_cnn")
@@ -117,17 +121,19 @@ def flops(argv: list[str]) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accel = runtime.accelerator()
+    dev = accel.bind(0)
     model = build_model(a.model, 10, a.channels, a.size, a.width)
     counts = flops_per_image(model, (a.channels, a.size, a.size))
     model = model.to(dev).to(memory_format=torch.channels_last)
-    amp = precision.autocast_dtype(a.precision, dev)
+    prec = Precision.from_config(a.precision, accel)
+    amp = prec.dtype
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(a.batch, a.channels, a.size, a.size, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (a.batch,), device=dev)
 
     def step():
-        with precision.autocast(dev, amp):
+        with prec.autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -135,22 +141,21 @@ def flops(argv: list[str]) -> int:
 
     for _ in range(3):
         step()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
+    accel.synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step()
-    sync()
+    accel.synchronize(dev)
     img_s = a.steps * a.batch / (time.perf_counter() - t0)
     achieved = img_s * counts["train"]
     peak = matmul_peak(dev, amp or torch.float32)
-    out = {"model": a.model, "device": str(dev), "threads": torch.get_num_threads(), "precision": precision.name(amp),
+    out = {"model": a.model, "device": str(dev), "threads": torch.get_num_threads(), "precision": prec.name,
            "flops_per_image_forward": counts["forward"], "flops_per_image_train": counts["train"],
            "img_s": round(img_s, 1), "achieved_flop_s": achieved, "matmul_peak_flop_s": peak,
            "fraction_of_peak": round(achieved / peak, 4)}
     print(f"{a.model}: {counts['forward'] / 1e6:.1f} MFLOP/image forward, {counts['train'] / 1e6:.1f} train; "
           f"{img_s:,.0f} img/s = {achieved / 1e9:.1f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"({precision.name(amp)}) -> {100 * achieved / peak:.1f}% of peak")
+          f"({prec.name}) -> {100 * achieved / peak:.1f}% of peak")
     print(json.dumps(out))
     return 0
 

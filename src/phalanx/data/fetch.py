@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from phalanx.data.idx import DataError
 from phalanx.data.sources import cache_dir, find_fashion_mnist
+from phalanx.errors import DataError
 
 
 def main() -> int:

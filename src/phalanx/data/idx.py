@@ -11,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from phalanx.errors import DataError
+
 # idx type codes -> numpy dtypes (big-endian on disk)
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataError(ValueError):
-    """A user's data is unusable: the message names the file and the problem."""
 
 
 def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:

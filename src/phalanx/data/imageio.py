@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phalanx.data.idx import DataError
+from phalanx.errors import DecodeError
 
 # Lower-case suffixes of the files an ImageFolder is made of; anything else in the tree is ignored.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif",
@@ -47,15 +47,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 # PIL modes whose pixels carry no colour.
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
-
-
-class DecodeError(DataError):
-    """A file is not a readable image. `reason` says why, without the file name."""
-
-    def __init__(self, source: str, reason: str | None = None):
-        # One-argument form: what pickling and DataLoader's re-raise of a worker's error call.
-        super().__init__(source if reason is None else f"{source}: {reason}")
-        self.source, self.reason = source, reason if reason is not None else source
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -316,9 +307,9 @@ def probe(path: str | Path) -> tuple[int, int, bool]:
             if mode in ("P", "PA"):
                 pal = im.getpalette() or []
                 gray = all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
-            if im.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG"):
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                    h, w = w, h
+            rotated = im.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            if rotated:  # by 90 degrees
+                h, w = w, h
     except DecodeError:
         raise
     except Exception as e:

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from phalanx import runtime
 from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize, augment_uint8, draw_params
 from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
@@ -63,19 +64,21 @@ class SplitOnDevice:
         x = torch.from_numpy(np.take(self.split.images, ids, axis=0))
         y = torch.from_numpy(np.take(self.split.labels, ids, axis=0))
         if pin:
-            x, y = x.pin_memory(), y.pin_memory()
+            accel = runtime.of(self.device)
+            x, y = accel.pin(x), accel.pin(y)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class TrainLoader:
     def __init__(self, split: Split, sampler: GlobalSampler, augment: AugmentConfig, normalize: Normalize,
                  device: torch.device, seed: int, prefetch: bool = True, resident: bool | None = None):
+        accel = runtime.of(device)
         if resident is None:  # keep small datasets on the GPU: no per-step host-to-device copy at all
-            resident = device.type == "cuda" and split.images.nbytes < 2 << 30
+            resident = device.type != "cpu" and split.images.nbytes < 2 << 30
         self.source = SplitOnDevice(split, device, resident)
         self.sampler, self.augment, self.normalize = sampler, augment, normalize
         self.device, self.seed = device, seed
-        self.prefetch = prefetch and device.type == "cuda" and not resident
+        self.prefetch = prefetch and accel.overlaps_copies and not resident
         self.h, self.w = split.images.shape[1:3]
 
     def __len__(self) -> int:
@@ -88,8 +91,8 @@ class TrainLoader:
             yield step, micro, idx, x, y
 
     def _prefetched(self, epoch: int, start_step: int):
+        """Gathers and copies on a side thread and stream, two batches ahead of the step."""
         q: queue.Queue = queue.Queue(maxsize=2)
-        stream = torch.cuda.Stream(self.device)
         stop = threading.Event()
 
         def put(obj) -> bool:
@@ -105,11 +108,9 @@ class TrainLoader:
 
         def work():
             try:
-                with torch.cuda.stream(stream):
+                with runtime.of(self.device).side_stream(self.device) as copies:
                     for item in self._raw(epoch, start_step):
-                        ev = torch.cuda.Event()
-                        ev.record(stream)
-                        if not put((item, ev)):
+                        if not put((item, copies, copies.mark())):
                             return
                 put(None)
             except BaseException as e:  # surface loader errors in the training thread
@@ -121,14 +122,8 @@ class TrainLoader:
             while (got := q.get()) is not None:
                 if isinstance(got, BaseException):
                     raise got
-                item, ev = got
-                cur = torch.cuda.current_stream(self.device)
-                cur.wait_event(ev)
-                # The batch was allocated on the side stream: without this, its memory returns to that
-                # stream's pool when the step drops it and a later prefetch may overwrite it while
-                # kernels queued on this stream still read it.
-                for t_ in item[3:]:  # x, y (idx stays on the host)
-                    t_.record_stream(cur)
+                item, copies, mark = got
+                copies.hand_over(mark, item[3:])  # x, y (idx stays on the host)
                 yield item
         finally:
             stop.set()

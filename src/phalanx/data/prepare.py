@@ -1,6 +1,6 @@
 """`phalanx data prepare|info|verify`: turn raw images into a prepared store (see store.py).
 
-    idx folder     MNIST / Fashion-MNIST idx files               -> sources.prepare_idx_folder
+    idx folder     MNIST / Fashion-MNIST idx files               -> read as they are (idx.read_idx_pair)
     CIFAR-10/100   the *binary* version (data_batch_N.bin, ...)   -> fixed-size records parsed with numpy;
                    the python version is refused: it is pickle, and unpickling runs code
     ImageFolder    ROOT/<class>/**/<image>, or ROOT/train/<class>/... with ROOT/val|test/<class>/...
@@ -32,9 +32,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from phalanx.data.idx import DataError, find_idx_files
-from phalanx.data.imageio import IMAGE_EXTENSIONS, DecodeError, decode_chw, fit, is_image_file, probe
-from phalanx.data.store import MANIFEST, StoreWriter, is_store, open_store
+from phalanx.data.idx import find_idx_files, read_idx_pair
+from phalanx.data.imageio import IMAGE_EXTENSIONS, decode_to_uint8, fit, is_image_file, probe
+from phalanx.data.store import StoreWriter, is_store, open_store
+from phalanx.errors import DataError, DecodeError
+from phalanx.runtime.cpu import usable_cores
 
 DEFAULT_SIZE = 64          # side of the images when they do not all share one square size
 HELD_OUT_FRACTION = 0.1    # share of each class held out as "test" when the tree has no split folders
@@ -44,15 +46,11 @@ PROBE_CHUNK = 256
 SPLIT_DIRS = ("train", "val", "test")
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR100_CLASSES = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
-    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
-    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
-    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
-    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
-    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
-    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
+CIFAR100_CLASSES = ["apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"]
 _CIFAR_SUBDIR = {"cifar10": "cifar-10-batches-bin", "cifar100": "cifar-100-binary"}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
 
 
 # ----------------------------------------------------------------------------- what is this folder?
@@ -84,13 +82,18 @@ def _split_layout(root: Path) -> dict[str, Path] | None:
 
 
 def detect_kind(path: Path) -> str | None:
-    """'cifar10', 'cifar100', 'imagefolder' or None (idx folders and stores are recognised elsewhere).
+    """What kind of data source `path` is: 'store', 'idx', 'cifar10', 'cifar100', 'imagefolder', or None.
 
-    Raises DataError for the python (pickle) version of CIFAR, which is never read.
+    The one place that tells sources apart: `phalanx data prepare`, `--data` and `--data.stream` all
+    ask it. Raises DataError for the python (pickle) version of CIFAR, which is never read.
     """
     path = Path(path)
+    if is_store(path):
+        return "store"
     if not path.is_dir():
         return None
+    if find_idx_files(path):
+        return "idx"
     names = set(os.listdir(path))
     for kind, sub in _CIFAR_SUBDIR.items():
         if sub in names and (path / sub).is_dir():
@@ -127,8 +130,33 @@ class FolderListing:
     fingerprint: str = ""                      # changes when any image file is added, removed or modified
 
 
-def _walk_images(folder: Path, root: Path, h: "hashlib._Hash", zero: list[str]) -> tuple[list[str], int]:
-    """Image files below `folder` (recursively, symlinks followed once), relative to root; + ignored count."""
+def file_stamp(path: str | Path, name: str | None = None) -> tuple[str, int, int]:
+    """(name, size, mtime in ns) of a file, (name, -1, -1) when it cannot be stat'ed; name defaults to path."""
+    name = str(path) if name is None else name
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling symlink: whoever reads the file reports it
+        return name, -1, -1
+    return name, st.st_size, st.st_mtime_ns
+
+
+def fingerprint(stamps: Iterable[tuple[str, int, int]]) -> str:
+    """sha1 of `file_stamp`s, in the order given: changes when a file is added, removed, renamed or rewritten.
+
+    The one test of "is this source still what was prepared": a store records it in its options
+    (ImageFolder, CIFAR, idx), and the cache names a raw source's store by it. File sizes and
+    mtimes, not contents: reading every image would cost as much as preparing them again.
+    """
+    h = hashlib.sha1()
+    for name, size, mtime_ns in stamps:
+        h.update(f"{name}\0{size}\0{mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _walk_images(folder: Path, root: Path, stamps: list[tuple[str, int, int]], zero: list[str]
+                 ) -> tuple[list[str], int]:
+    """Image files below `folder` (recursively, symlinks followed once), relative to root; + ignored count.
+    Appends each file's `file_stamp` to `stamps` and the empty ones to `zero`."""
     files, ignored, seen = [], 0, set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         st = os.stat(dirpath)
@@ -145,12 +173,8 @@ def _walk_images(folder: Path, root: Path, h: "hashlib._Hash", zero: list[str]) 
                 continue
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
-            try:
-                fst = os.stat(full)
-            except OSError:  # a dangling symlink: let the decoder report it
-                fst = None
-            h.update(f"{rel}\0{fst.st_size if fst else -1}\0{fst.st_mtime_ns if fst else -1}\0".encode())
-            if fst is not None and fst.st_size == 0:
+            stamps.append(file_stamp(full, rel))
+            if stamps[-1][1] == 0:
                 zero.append(rel)
             files.append(rel)
     return sorted(files), ignored
@@ -170,7 +194,7 @@ def list_imagefolder(root: Path, held_out: float = HELD_OUT_FRACTION, seed: int 
     """
     root = Path(root)
     layout = _split_layout(root)
-    h = hashlib.sha1()
+    stamps: list[tuple[str, int, int]] = []
     zero: list[str] = []
     ignored = 0
     if layout is not None:
@@ -185,7 +209,7 @@ def list_imagefolder(root: Path, held_out: float = HELD_OUT_FRACTION, seed: int 
                                 f"every split must use the training classes")
             entries = []
             for cdir in _subdirs(folder):
-                files, ign = _walk_images(cdir, root, h, zero)
+                files, ign = _walk_images(cdir, root, stamps, zero)
                 ignored += ign
                 entries += [(f, index[cdir.name]) for f in files]
                 if split == "train":
@@ -198,7 +222,7 @@ def list_imagefolder(root: Path, held_out: float = HELD_OUT_FRACTION, seed: int 
         classes = [p.name for p in cdirs]
         by_class = []
         for cdir in cdirs:
-            files, ign = _walk_images(cdir, root, h, zero)
+            files, ign = _walk_images(cdir, root, stamps, zero)
             ignored += ign
             by_class.append(files)
         train, test = [], []
@@ -216,7 +240,7 @@ def list_imagefolder(root: Path, held_out: float = HELD_OUT_FRACTION, seed: int 
     # Images lying next to the class folders (or next to train/, val/) belong to no class.
     for folder in [root, *(layout.values() if layout else [])]:
         ignored += sum(1 for f in os.listdir(folder) if not f.startswith(".") and (folder / f).is_file())
-    listing.ignored_files, listing.zero_byte, listing.fingerprint = ignored, sorted(zero), h.hexdigest()
+    listing.ignored_files, listing.zero_byte, listing.fingerprint = ignored, sorted(zero), fingerprint(stamps)
     return listing
 
 
@@ -239,32 +263,21 @@ def _probe_chunk(paths: list[str]) -> list[tuple[int, int, bool] | str]:
     return out
 
 
-def _decode_one(path: str, size: int, channels: int) -> np.ndarray:
-    return decode_chw(path, size, channels).permute(1, 2, 0).numpy()
-
-
 def _decode_chunk(paths: list[str], size: int, channels: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """(decoded images of the readable files, in order; [(position in `paths`, reason)] of the others)."""
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     bad, k = [], 0
     for i, p in enumerate(paths):
         try:
-            out[k] = _decode_one(p, size, channels)
+            out[k] = decode_to_uint8(p, size, channels)
             k += 1
         except DecodeError as e:
             bad.append((i, e.reason))
     return out[:k], bad
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset / cgroup cpusets, unlike os.cpu_count()
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _make_pool(workers: int, tasks: int) -> ProcessPoolExecutor | None:
-    n = min(workers or usable_cpus(), tasks)
+    n = min(workers or usable_cores(), tasks)
     if n <= 1:
         return None  # decoding in this process: no start-up cost for small jobs
     # forkserver: workers fork from a clean server that preloaded this module (torch included), so
@@ -330,15 +343,104 @@ def _bad_files_error(src: Path, bad: dict[str, str]) -> DataError:
 
 def _matching_store(out: Path, source: str, key: dict) -> bool:
     """A complete store from the same source with the same options is already at `out`."""
-    if not is_store(out):
-        return False
     try:
-        m = json.loads((out / MANIFEST).read_text())
-        open_store(out)  # files present, shapes as the manifest says
+        m = open_store(out).manifest  # files present, shapes as the manifest says
     except (OSError, ValueError):
         return False
     opts = m.get("options", {})
     return m.get("source") == source and all(opts.get(k) == v for k, v in key.items())
+
+
+def _warn_once_on_bad(bad: dict[str, str], skip_bad: bool) -> Callable:
+    """note(bar): on the first unreadable file (unless skip_bad), say the prepare will fail at the end."""
+    warned = False
+
+    def note_bad(bar) -> None:
+        nonlocal warned
+        if bad and not skip_bad and not warned:
+            warned = True
+            bar.write(f"phalanx: found unreadable image file(s) (first: {next(iter(bad))}); the prepare will stop "
+                      f"with the full list at the end (--skip-bad leaves them out)", file=sys.stderr)
+
+    return note_bad
+
+
+def _scan_headers(pool: ProcessPoolExecutor | None, src: Path, todo: list[str], bad: dict[str, str],
+                  progress: bool, note_bad: Callable) -> tuple[set[tuple[int, int]], bool]:
+    """(the (height, width)s seen, whether every image is gray) from the files' headers; unreadable ones go to `bad`."""
+    shapes, gray = set(), True
+    with _progress(len(todo), "scan", progress) as bar:
+        chunks = _chunks(todo, PROBE_CHUNK)
+        for chunk, res in zip(chunks, _ordered_map(pool, _probe_chunk, [[str(src / r) for r in c]
+                                                                         for c in chunks])):
+            for rel, r in zip(chunk, res):
+                if isinstance(r, str):
+                    bad[rel] = r
+                else:
+                    shapes.add(r[:2])
+                    gray &= r[2]
+            bar.update(len(chunk))
+            note_bad(bar)
+    return shapes, gray
+
+
+def _choose_shape(pool: ProcessPoolExecutor | None, src: Path, todo: list[str], bad: dict[str, str], size: int,
+                  channels: int, progress: bool, note_bad: Callable) -> tuple[int, int]:
+    """(size, channels), each kept when given and otherwise chosen from one cheap pass over the headers."""
+    shapes, gray = _scan_headers(pool, src, todo, bad, progress, note_bad)
+    if not shapes:
+        raise _bad_files_error(src, bad)
+    if size == 0:
+        h, w = next(iter(shapes))
+        size = h if len(shapes) == 1 and h == w else DEFAULT_SIZE
+    if channels == 0:
+        channels = 1 if gray else 3
+    return size, channels
+
+
+def _imagefolder_writer(out: Path, listing: FolderListing, source: str, key: dict, size: int,
+                        channels: int) -> StoreWriter:
+    """The StoreWriter of the store, its manifest options saying how the folder was read."""
+    options = dict(key, layout=listing.layout, held_out=listing.held_out, empty_classes=listing.empty_classes,
+                   ignored_files=listing.ignored_files,
+                   resize=f"shorter side to {size} (bilinear, antialias), centre crop {size}x{size}",
+                   decoder="torchvision.io, PIL fallback; RGB, gray by PIL's luma formula")
+    return StoreWriter(out, listing.classes, (size, size, channels), source=source, options=options)
+
+
+def _decode_split(writer: StoreWriter, pool: ProcessPoolExecutor | None, src: Path, split: str,
+                  entries: list[tuple[str, int]], bad: dict[str, str], size: int, channels: int, bar,
+                  note_bad: Callable) -> int:
+    """Decode one split's files into the store, in order; returns how many were readable (the rest go to `bad`)."""
+    entries = [e for e in entries if e[0] not in bad]
+    images, labels = writer.open_split(split, len(entries))
+    pos = 0
+    chunks = _chunks(entries, DECODE_CHUNK)
+    paths = ([str(src / rel) for rel, _ in c] for c in chunks)
+    for chunk, (arr, chunk_bad) in zip(chunks, _ordered_map(pool, _decode_chunk, paths, size, channels)):
+        skip = {i for i, _ in chunk_bad}
+        for i, why in chunk_bad:
+            bad[chunk[i][0]] = why
+        good = [lab for i, (_, lab) in enumerate(chunk) if i not in skip]
+        images[pos:pos + len(good)] = arr
+        labels[pos:pos + len(good)] = good
+        pos += len(good)
+        bar.update(len(chunk))
+        note_bad(bar)
+    if pos < len(entries):
+        writer.shrink_split(split, pos)
+    return pos
+
+
+def _commit_imagefolder(writer: StoreWriter, src: Path, kept: dict[str, int], bad: dict[str, str],
+                        skip_bad: bool) -> Path:
+    """Fail on unreadable files (unless skip_bad) or an empty train split; else commit, listing the skipped."""
+    if bad and not skip_bad:
+        raise _bad_files_error(src, bad)
+    if kept.get("train", 0) == 0:
+        raise DataError(f"{src}: no readable training images")
+    skipped = [{"path": rel, "reason": why} for rel, why in sorted(bad.items())]
+    return writer.commit(skipped)
 
 
 def _prepare_imagefolder(src: Path, out: Path, size: int, channels: int, workers: int, skip_bad: bool,
@@ -354,73 +456,18 @@ def _prepare_imagefolder(src: Path, out: Path, size: int, channels: int, workers
         raise DataError(f"{src}: no image files in any class folder (looked for "
                         f"{', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))})")
     bad: dict[str, str] = {rel: "empty file (0 bytes)" for rel in listing.zero_byte}
-    warned = False
-
-    def note_bad(bar) -> None:
-        nonlocal warned
-        if bad and not skip_bad and not warned:
-            warned = True
-            bar.write(f"phalanx: found unreadable image file(s) (first: {next(iter(bad))}); the prepare will stop "
-                      f"with the full list at the end (--skip-bad leaves them out)", file=sys.stderr)
-
+    note_bad = _warn_once_on_bad(bad, skip_bad)
     todo = [rel for entries in listing.splits.values() for rel, _ in entries if rel not in bad]
     pool = _make_pool(workers, max(1, -(-total // DECODE_CHUNK)))
     try:
         if size == 0 or channels == 0:  # choose from the headers: one cheap pass
-            shapes, gray = set(), True
-            with _progress(len(todo), "scan", progress) as bar:
-                chunks = _chunks(todo, PROBE_CHUNK)
-                for chunk, res in zip(chunks, _ordered_map(pool, _probe_chunk, [[str(src / r) for r in c]
-                                                                                 for c in chunks])):
-                    for rel, r in zip(chunk, res):
-                        if isinstance(r, str):
-                            bad[rel] = r
-                        else:
-                            shapes.add(r[:2])
-                            gray &= r[2]
-                    bar.update(len(chunk))
-                    note_bad(bar)
-            if not shapes:
-                raise _bad_files_error(src, bad)
-            if size == 0:
-                h, w = next(iter(shapes))
-                size = h if len(shapes) == 1 and h == w else DEFAULT_SIZE
-            if channels == 0:
-                channels = 1 if gray else 3
-        options = dict(key, layout=listing.layout, held_out=listing.held_out, empty_classes=listing.empty_classes,
-                       ignored_files=listing.ignored_files,
-                       resize=f"shorter side to {size} (bilinear, antialias), centre crop {size}x{size}",
-                       decoder="torchvision.io, PIL fallback; RGB, gray by PIL's luma formula")
-        writer = StoreWriter(out, listing.classes, (size, size, channels), source=source, options=options)
-        kept: dict[str, int] = {}
+            size, channels = _choose_shape(pool, src, todo, bad, size, channels, progress, note_bad)
+        writer = _imagefolder_writer(out, listing, source, key, size, channels)
         try:
             with _progress(total - len(bad), "decode", progress) as bar:
-                for split, entries in listing.splits.items():
-                    entries = [e for e in entries if e[0] not in bad]
-                    images, labels = writer.open_split(split, len(entries))
-                    pos = 0
-                    chunks = _chunks(entries, DECODE_CHUNK)
-                    paths = ([str(src / rel) for rel, _ in c] for c in chunks)
-                    for chunk, (arr, chunk_bad) in zip(chunks, _ordered_map(pool, _decode_chunk, paths, size,
-                                                                           channels)):
-                        skip = {i for i, _ in chunk_bad}
-                        for i, why in chunk_bad:
-                            bad[chunk[i][0]] = why
-                        good = [lab for i, (_, lab) in enumerate(chunk) if i not in skip]
-                        images[pos:pos + len(good)] = arr
-                        labels[pos:pos + len(good)] = good
-                        pos += len(good)
-                        bar.update(len(chunk))
-                        note_bad(bar)
-                    if pos < len(entries):
-                        writer.shrink_split(split, pos)
-                    kept[split] = pos
-            if bad and not skip_bad:
-                raise _bad_files_error(src, bad)
-            if kept.get("train", 0) == 0:
-                raise DataError(f"{src}: no readable training images")
-            skipped = [{"path": rel, "reason": why} for rel, why in sorted(bad.items())]
-            return writer.commit(skipped)
+                kept = {split: _decode_split(writer, pool, src, split, entries, bad, size, channels, bar, note_bad)
+                        for split, entries in listing.splits.items()}
+            return _commit_imagefolder(writer, src, kept, bad, skip_bad)
         except BaseException:
             writer.abort()
             raise
@@ -481,11 +528,8 @@ def _prepare_cifar(src: Path, out: Path, kind: str, size: int, channels: int, pr
         lines = ", ".join(f"{p.name}: {counts[p]}" for p in files["train"])
         raise DataError(f"{root}: training batches hold different numbers of records ({lines}); one is truncated")
     source = str(src.resolve())
-    h = hashlib.sha1()
-    for p in sorted(counts):
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    key = {"kind": kind, "size": size, "channels": channels, "fingerprint": h.hexdigest()}
+    key = {"kind": kind, "size": size, "channels": channels,
+           "fingerprint": fingerprint(file_stamp(p, p.name) for p in sorted(counts))}
     if _matching_store(out, source, key):
         return out
     s, c = size or 32, channels or 3
@@ -516,16 +560,29 @@ def _prepare_cifar(src: Path, out: Path, kind: str, size: int, channels: int, pr
 
 
 def _prepare_idx(src: Path, out: Path, size: int, channels: int) -> Path:
-    from phalanx.data.sources import prepare_idx_folder
     if size != 0 or channels not in (0, 1):
         raise DataError(f"{src}: idx files are prepared as they are (grayscale, native size); "
                         f"leave out --size and --channels")
+    files = find_idx_files(src)
+    if "train" not in files:
+        raise DataError(f"{src}: no train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] found")
     source = str(src.resolve())
-    if _matching_store(out, source, {"kind": "idx"}):
-        newest = max(p.stat().st_mtime for pair in find_idx_files(src).values() for p in pair)
-        if (out / MANIFEST).stat().st_mtime >= newest:
-            return out
-    return prepare_idx_folder(src, out)
+    key = {"kind": "idx", "fingerprint": fingerprint(file_stamp(p, p.name) for pair in files.values() for p in pair)}
+    if _matching_store(out, source, key):
+        return out
+    pairs = {split: read_idx_pair(*paths) for split, paths in files.items()}
+    h, w = pairs["train"][0].shape[1:]
+    classes = FASHION_CLASSES if "fashion" in str(src).lower() else MNIST_CLASSES
+    writer = StoreWriter(out, classes, (h, w, 1), source=source, options=key)
+    try:
+        for split, (images, labels) in pairs.items():
+            if images.shape[1:] != (h, w):
+                raise DataError(f"{files[split][0]}: images are {images.shape[1:]}, train images are {(h, w)}")
+            writer.add_split(split, images, labels)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int = 0, skip_bad: bool = False,
@@ -546,7 +603,8 @@ def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int
         raise DataError(f"--workers {workers}: must be >= 0 (0: one per CPU)")
     if not src.exists():
         raise DataError(f"{src}: no such file or folder")
-    if is_store(src):
+    kind = detect_kind(src)
+    if kind == "store":
         raise DataError(f"{src}: is already a prepared store; train on it with --data {src}")
     if not src.is_dir():
         raise DataError(f"{src}: not a folder (unpack archives first, e.g. `tar xzf cifar-10-binary.tar.gz`)")
@@ -557,9 +615,8 @@ def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int
         raise DataError(f"{out}: exists and is not a prepared store; choose another output folder "
                         f"(a store replaces what is there)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if find_idx_files(src):
+    if kind == "idx":
         return _prepare_idx(src, out, size, channels)
-    kind = detect_kind(src)
     if kind in ("cifar10", "cifar100"):
         return _prepare_cifar(src, out, kind, size, channels, progress)
     if kind == "imagefolder":

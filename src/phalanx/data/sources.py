@@ -2,51 +2,27 @@
 
 `fashion_mnist` (the built-in default) is looked up in the Debian package's folder, installed with
 apt when missing (Debian, root), downloaded with torchvision's downloader as a last resort, and
-prepared once into the cache. A folder of idx files (MNIST too) is prepared the same way. A
-prepared store is used as it is. Other sources (CIFAR binaries, ImageFolder trees) are prepared
-by `phalanx.data.prepare`.
+prepared once into the cache. A folder of idx files (MNIST too), CIFAR binaries and ImageFolder
+trees are prepared the same way, by `phalanx.data.prepare`. A prepared store is used as it is.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from phalanx.data.idx import DataError, find_idx_files, read_idx_pair
-from phalanx.data.store import Store, StoreWriter, is_store, open_store
+from phalanx.data.idx import find_idx_files
+from phalanx.data.prepare import detect_kind, file_stamp, fingerprint, prepare
+from phalanx.data.store import Store, is_store, open_store
+from phalanx.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
-MNIST_CLASSES = [str(i) for i in range(10)]
 
 
 def cache_dir(configured: str = "") -> Path:
     return Path(configured or os.environ.get("PHALANX_CACHE") or Path.home() / ".cache" / "phalanx")
-
-
-def prepare_idx_folder(folder: Path, out: Path, classes: list[str] | None = None) -> Path:
-    """Convert train/test idx files in `folder` into a store at `out`."""
-    files = find_idx_files(folder)
-    if "train" not in files:
-        raise DataError(f"{folder}: no train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] found")
-    pairs = {split: read_idx_pair(*paths) for split, paths in files.items()}
-    h, w = pairs["train"][0].shape[1:]
-    if classes is None:
-        classes = FASHION_CLASSES if "fashion" in str(folder).lower() else MNIST_CLASSES
-    writer = StoreWriter(out, classes, (h, w, 1), source=str(folder.resolve()), options={"kind": "idx"})
-    try:
-        for split, (images, labels) in pairs.items():
-            if images.shape[1:] != (h, w):
-                raise DataError(f"{files[split][0]}: images are {images.shape[1:]}, train images are {(h, w)}")
-            writer.add_split(split, images, labels)
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def _install_debian_package() -> bool:
@@ -95,26 +71,23 @@ def find_fashion_mnist(auto_install: bool, cache: Path) -> Path:
 def _cache_key(folder: Path) -> str:
     """Stable name for the prepared copy of a raw source folder: changes when its files change.
 
-    Top-level files count by size and mtime; sub-folders (ImageFolder classes, CIFAR's
-    cifar-10-batches-bin/) by their mtimes, which change whenever a file is added, removed or
-    renamed in them. That costs a directory listing, not a stat per image.
+    The `fingerprint` of the top-level files and of the sub-folders (ImageFolder classes, CIFAR's
+    cifar-10-batches-bin/), named by their absolute paths: a sub-folder's mtime changes whenever a
+    file is added, removed or renamed in it. That costs a directory listing, not a stat per image.
     """
-    h = hashlib.sha1(str(folder.resolve()).encode())
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    root = folder.resolve()
+    stamps = [file_stamp(p) for p in sorted(root.iterdir()) if p.is_file()]
     seen = set()
-    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
         dirnames.sort()
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # symlink loop
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        if dirpath != str(folder):
-            h.update(f"{os.path.relpath(dirpath, folder)}/:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
+        if dirpath != str(root):
+            stamps.append((dirpath + os.sep, st.st_size, st.st_mtime_ns))
+    return fingerprint(stamps)[:12]
 
 
 def store_path_for(data_path: str, cache_configured: str = "", auto_install: bool = True, size: int = 0,
@@ -125,28 +98,24 @@ def store_path_for(data_path: str, cache_configured: str = "", auto_install: boo
     as its own store. Idx files and prepared stores are used as they are.
     """
     cache = cache_dir(cache_configured)
-    fixed = "a folder of idx files" if data_path in ("fashion_mnist", "fashion-mnist") else None
+    builtin = data_path in ("fashion_mnist", "fashion-mnist")
     p = Path(data_path).expanduser()
-    if fixed is None and not p.exists():
+    if not builtin and not p.exists():
         raise DataError(f"--data {data_path}: no such file or folder (use `fashion_mnist`, a prepared store, "
                         f"or a folder of idx files)")
-    if fixed is None and is_store(p):
-        fixed = "a prepared store"
-    elif fixed is None and p.is_dir() and find_idx_files(p):
-        fixed = "a folder of idx files"
-    if fixed and (size or channels):
+    kind = "idx" if builtin else detect_kind(p)
+    if kind in ("store", "idx") and (size or channels):
         what = f"--data.size {size}" if size else f"--data.channels {channels}"
+        fixed = "a prepared store" if kind == "store" else "a folder of idx files"
         raise DataError(f"{what}: --data {data_path} is {fixed}, used at its own size and channels; "
                         f"leave out --data.size and --data.channels")
-    if data_path in ("fashion_mnist", "fashion-mnist"):
+    if builtin:
         folder = find_fashion_mnist(auto_install, cache)
         return cache / "stores" / f"fashion_mnist-{_cache_key(folder)}", folder
-    if is_store(p):
+    if kind == "store":
         return p, None
-    if p.is_dir() and find_idx_files(p):
+    if kind == "idx":
         return cache / "stores" / f"{p.name}-{_cache_key(p)}", p
-    from phalanx.data import prepare  # CIFAR binaries, ImageFolder trees
-    kind = prepare.detect_kind(p)
     if kind is None:
         raise DataError(f"--data {data_path}: not a prepared store, an idx folder, CIFAR binaries or an "
                         f"ImageFolder (one sub-folder of images per class)")
@@ -158,12 +127,7 @@ def ensure_store(store: Path, raw: Path | None, size: int = 0, channels: int = 0
     """Prepare the store from its raw source unless a complete one is there already."""
     if raw is None or is_store(store):
         return
-    store.parent.mkdir(parents=True, exist_ok=True)
-    if find_idx_files(raw):
-        prepare_idx_folder(raw, store)
-    else:
-        from phalanx.data import prepare
-        prepare.prepare(raw, store, size=size, channels=channels)
+    prepare(raw, store, size=size, channels=channels)
 
 
 def open_on_node(data_path: str, cache_configured: str, auto_install: bool, local_rank: int, size: int = 0,

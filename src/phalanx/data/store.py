@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from phalanx.data.idx import DataError
 from phalanx.durable import fsync_path, sha256_file
+from phalanx.errors import DataError
 
 FORMAT = "phalanx-store"
 VERSION = 1
@@ -94,7 +94,13 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def is_store(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """True when `path` holds a complete store: a manifest.json of this format (StoreWriter's), not
+    any folder that happens to have a manifest.json (a web project's, say)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def open_store(path: str | Path) -> Store:

@@ -29,14 +29,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from phalanx import runtime
 from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize
-from phalanx.data.idx import DataError
 from phalanx.data.imageio import decode_chw, fit, read_encoded, sniff
 from phalanx.data.loader import Batch, augmented
 from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import channel_stats
+from phalanx.errors import DataError
+from phalanx.runtime.cpu import usable_cores
 
 # Images decoded to compute the normalisation's mean/std of a streamed folder (all when fewer).
 STATS_SAMPLE = 1000
@@ -98,6 +100,15 @@ def pass_batch(batch):
     return batch
 
 
+def loader_kw(workers: int, pin: bool = False, prefetch_factor: int = 2) -> dict:
+    """DataLoader arguments for `workers` processes: persistent, each prefetching `prefetch_factor`
+    batches; pinned batches when `pin` (bound for a CUDA device)."""
+    kw = dict(num_workers=workers, pin_memory=pin)
+    if workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    return kw
+
+
 class RankOrder:
     """This rank's sample indices of an epoch in the global order, as a DataLoader sampler.
 
@@ -154,12 +165,9 @@ def streaming_loader(root: str | Path, size: int, channels: int, batch: int, wor
     batches each; batches are pinned when `device` is CUDA.
     """
     ds = dataset or ImageFolderStream(root, size, channels, split)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    kw = {}
-    if workers > 0:
-        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
-    return DataLoader(ds, batch_size=batch, sampler=sampler_indices, shuffle=False, num_workers=workers,
-                      pin_memory=dev.type == "cuda", drop_last=False, collate_fn=pass_batch, **kw)
+    pin = device is not None and runtime.of(torch.device(device)).overlaps_copies
+    return DataLoader(ds, batch_size=batch, sampler=sampler_indices, collate_fn=pass_batch,
+                      **loader_kw(workers, pin, prefetch_factor))
 
 
 def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels: int,
@@ -206,10 +214,9 @@ class CudaJpegLoader:
                  device: torch.device | str = "cuda", prefetch_factor: int = 4):
         self.dataset = ImageFolderStream(root, size, channels, split, encoded=True)
         self.size, self.channels, self.device = size, channels, torch.device(device)
-        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if workers > 0 else {}
         # Encoded files are few bytes: pinning them buys little, and nvJPEG reads them from host memory.
-        self.loader = DataLoader(self.dataset, batch_size=batch, sampler=sampler_indices, num_workers=workers,
-                                 collate_fn=pass_batch, **kw)
+        self.loader = DataLoader(self.dataset, batch_size=batch, sampler=sampler_indices, collate_fn=pass_batch,
+                                 **loader_kw(workers, pin=False, prefetch_factor=prefetch_factor))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -230,7 +237,7 @@ def stream_root(data_path: str) -> Path:
                         f"class); no such folder")
     kind = detect_kind(p)
     if kind != "imagefolder":
-        what = {None: "not an ImageFolder"}.get(kind, f"{kind} binaries")
+        what = f"{kind} binaries" if kind in ("cifar10", "cifar100") else "not an ImageFolder"
         raise DataError(f"--data {data_path}: --data.stream reads an ImageFolder (one sub-folder of images per "
                         f"class); this is {what}: train on it without --data.stream")
     return p
@@ -264,7 +271,7 @@ def sample_stats(dataset: ImageFolderStream, workers: int, sample: int = STATS_S
     n = len(dataset)
     idx = list(range(n)) if n <= sample else np.linspace(0, n - 1, sample).round().astype(int).tolist()
     order = [idx[i:i + 64] for i in range(0, len(idx), 64)]
-    loader = DataLoader(dataset, batch_sampler=order, num_workers=workers, collate_fn=pass_batch)
+    loader = DataLoader(dataset, batch_sampler=order, collate_fn=pass_batch, **loader_kw(workers))
     try:
         x = torch.cat([b for b, _ in loader])
     except DataError as e:
@@ -274,8 +281,7 @@ def sample_stats(dataset: ImageFolderStream, workers: int, sample: int = STATS_S
 
 def stream_workers(configured: int, local_world: int) -> int:
     """DataLoader workers per rank: as configured, else this node's cores divided among its ranks."""
-    from phalanx.data.prepare import usable_cpus
-    return configured or max(1, usable_cpus() // max(1, local_world))
+    return configured or max(1, usable_cores() // max(1, local_world))
 
 
 def open_folder_stream(data_path: str, size: int, channels: int, workers: int, is_main: bool = True
@@ -300,13 +306,6 @@ def open_folder_stream(data_path: str, size: int, channels: int, workers: int, i
     return FolderStream(root, size, channels, listing, mean, std)
 
 
-def _loader_kw(workers: int, device: torch.device, prefetch_factor: int) -> dict:
-    kw = dict(num_workers=workers, collate_fn=pass_batch, pin_memory=device.type == "cuda")
-    if workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=prefetch_factor)
-    return kw
-
-
 class StreamTrainLoader:
     """TrainLoader over an ImageFolderStream: `.epoch(epoch, start_step)` yields the same Batches.
 
@@ -322,7 +321,8 @@ class StreamTrainLoader:
         self.device, self.seed = device, seed
         self.h = self.w = dataset.size
         self.batches = RankBatches(sampler)
-        self.loader = DataLoader(dataset, batch_sampler=self.batches, **_loader_kw(workers, device, prefetch_factor))
+        self.loader = DataLoader(dataset, batch_sampler=self.batches, collate_fn=pass_batch,
+                                 **loader_kw(workers, runtime.of(device).overlaps_copies, prefetch_factor))
 
     def __len__(self) -> int:
         return self.sampler.steps
@@ -363,7 +363,8 @@ class StreamSplit:
     def __init__(self, dataset: ImageFolderStream, device: torch.device, workers: int, batch: int = 64):
         self.split, self.device, self.batch = dataset, device, batch
         self._batches = _Batches()
-        self.loader = DataLoader(dataset, batch_sampler=self._batches, **_loader_kw(workers, device, 2))
+        self.loader = DataLoader(dataset, batch_sampler=self._batches, collate_fn=pass_batch,
+                                 **loader_kw(workers, runtime.of(device).overlaps_copies))
 
     def gather(self, idx: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         ids = idx.tolist()

@@ -79,3 +79,31 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class TrainMeter:
+    """Training loss and img/s since the last log line; the loss stays on the device until `reduce`."""
+
+    def __init__(self, device):
+        import torch
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, images) of this rank
+        self.seen, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss_sum, images: int) -> None:
+        self.sums[0] += loss_sum
+        self.sums[1] += images
+
+    def step(self, global_batch: int) -> None:
+        self.seen += global_batch
+
+    def rate(self) -> float:
+        return self.seen / max(time.perf_counter() - self.t0, 1e-9)
+
+    def reduce(self) -> tuple[float, float]:
+        """(mean training loss over all ranks, img/s) since the last call, which starts a new window."""
+        from phalanx.parallel.collectives import all_reduce_sum
+        all_reduce_sum(self.sums)
+        loss, rate = float(self.sums[0] / self.sums[1].clamp(min=1)), self.rate()
+        self.sums.zero_()
+        self.seen, self.t0 = 0, time.perf_counter()
+        return loss, rate

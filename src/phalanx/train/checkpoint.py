@@ -24,12 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from phalanx import faults
 from phalanx.durable import fsync_path, sha256_file
+from phalanx.errors import CheckpointError
 
 MARKER = "COMPLETE"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message names the file and the problem."""
 
 
 # ----------------------------------------------------------------------------- nested state <-> (JSON, tensors)

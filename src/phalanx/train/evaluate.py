@@ -6,6 +6,7 @@ loss are bit-identical for any world size, given the same per-rank thread count.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,12 +17,12 @@ import torch.nn.functional as F
 from phalanx.data.augment import Normalize
 from phalanx.data.loader import SplitOnDevice, eval_chunks, to_nchw
 from phalanx.parallel.collectives import all_reduce_sum
-from phalanx.train.precision import autocast
+from phalanx.train.precision import Precision
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk: int, world: int, rank: int,
-             amp_dtype: torch.dtype | None = None, tta_flip: bool = False) -> dict:
+             precision: Precision | None = None, tta_flip: bool = False) -> dict:
     """{'loss', 'acc', 'correct', 'count'} over the whole split, identical on every rank."""
     was_training = model.training
     model.eval()
@@ -33,7 +34,7 @@ def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk:
     for c, lo, hi in eval_chunks(n, chunk, world, rank):
         x, y = data.gather(torch.arange(lo, hi))
         x = normalize(to_nchw(x))
-        with autocast(device, amp_dtype):
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
             logits = model(x).float()
             if tta_flip:
                 logits = (logits + model(x.flip(3)).float()) * 0.5
@@ -54,8 +55,9 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from phalanx.errors import CheckpointError
     from phalanx.models import build_model
-    from phalanx.train.checkpoint import CheckpointError, load_into
+    from phalanx.train.checkpoint import load_into
 
     target = Path(target)
     weights = target / "model.safetensors" if target.is_dir() else target
@@ -78,10 +80,9 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
 def eval_main(cfg, target: Path) -> dict:
     """`phalanx eval`: evaluate saved weights on the test split of cfg.data, on this rank."""
     from phalanx.data.sources import open_on_node
-    from phalanx.parallel import env as penv
-    from phalanx.train import precision
+    from phalanx.runtime import dist as rdist
 
-    env = penv.init(cfg.parallel, cfg.device)
+    env = rdist.init(cfg.parallel, cfg.device)
     try:
         model, meta = load_weights(target, env.device)
         if cfg.model.channels_last:
@@ -90,37 +91,32 @@ def eval_main(cfg, target: Path) -> dict:
                              cfg.data.size, cfg.data.channels)
         split = store["test" if "test" in store.splits else "val"]
         if store.shape[2] != meta["in_channels"] or len(store.classes) != meta["num_classes"]:
-            from phalanx.data.idx import DataError
+            from phalanx.errors import DataError
             raise DataError(f"{store.path}: {store.shape} images with {len(store.classes)} classes do not fit "
                             f"{target} ({meta['in_channels']} channels, {meta['num_classes']} classes)")
         normalize = Normalize(meta["mean"], meta["std"], env.device, cfg.model.channels_last)
         data = SplitOnDevice(split, env.device, resident=False)
-        amp = precision.autocast_dtype(cfg.precision, env.device)
-        res = evaluate(model, data, normalize, cfg.eval_batch, env.world, env.rank, amp, cfg.tta_flip)
+        prec = Precision.from_config(cfg.precision, env.accel)
+        res = evaluate(model, data, normalize, cfg.eval_batch, env.world, env.rank, prec, cfg.tta_flip)
         res.update(weights=str(target), data=str(store.path), world=env.world)
         if env.is_main:
             print(json.dumps(res), flush=True)
         return res
     finally:
-        penv.teardown()
+        rdist.teardown()
 
 
 @torch.no_grad()
 def predict_files(target: Path, files: list[Path], top: int = 3) -> list[dict]:
     """Top-k classes of image files, preprocessed like the training store (size, channels)."""
-    from phalanx.data.idx import DataError
-    from phalanx.data.imageio import decode_to_uint8
+    from phalanx.data.imageio import decode_chw
 
     model, meta = load_weights(target)
     size, ch = meta["image_size"], meta["in_channels"]
     normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False)
     rows = []
     for f in files:
-        try:
-            img = decode_to_uint8(f, size, ch)  # (H, W, C) uint8
-        except Exception as e:
-            raise DataError(f"{f}: cannot decode as an image ({e})") from None
-        x = normalize(torch.from_numpy(img)[None].permute(0, 3, 1, 2))
+        x = normalize(decode_chw(f, size, ch)[None])  # DecodeError names the file
         p = model(x).float().softmax(1)[0]
         k = min(top, len(p))
         vals, idx = p.topk(k)

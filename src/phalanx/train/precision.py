@@ -1,44 +1,52 @@
-"""Precision policy: which autocast dtype a device gets, and whether a gradient scaler is needed."""
+"""Precision policy: the autocast dtype, and the gradient scaler when that dtype needs one.
+
+The loop calls `backward`, `step` and `unscale_` and never asks whether a scaler exists.
+"""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-
-def cpu_has_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+from phalanx.runtime import Accelerator
 
 
-def autocast_dtype(pref: str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32."""
-    if pref == "fp32":
-        return None
-    if pref == "bf16":
-        return torch.bfloat16
-    if pref == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
+class Precision:
+    def __init__(self, accel: Accelerator, dtype: torch.dtype | None):
+        self.accel, self.dtype = accel, dtype
+        self.scaler = accel.grad_scaler(dtype)
 
+    @classmethod
+    def from_config(cls, pref: str, accel: Accelerator) -> "Precision":
+        """`--precision auto|fp32|bf16|fp16` on this accelerator (auto: bf16 where it is native)."""
+        return cls(accel, accel.autocast_dtype(pref))
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
+    def autocast(self):
+        """The forward pass's context (nothing for fp32)."""
+        return self.accel.autocast(self.dtype) if self.dtype is not None else contextlib.nullcontext()
 
-def grad_scaler(device: torch.device, dtype: torch.dtype | None):
-    """A GradScaler for fp16 on CUDA (bf16 and fp32 need none), else None."""
-    if dtype is torch.float16 and device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients in true units (before clipping)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
 
-def name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

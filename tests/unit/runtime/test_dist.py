@@ -8,7 +8,7 @@ import pytest
 STEPS = """
 import resource, sys, torch, torch.nn.functional as F
 from phalanx.models import build_model
-from phalanx.parallel.env import keep_freed_memory
+from phalanx.runtime.dist import keep_freed_memory
 if sys.argv[1] == "1":
     assert keep_freed_memory()
 torch.set_num_threads(1)

@@ -4,7 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from phalanx.data.idx import DataError, find_idx_files, read_idx, read_idx_pair
+from phalanx.data.idx import find_idx_files, read_idx, read_idx_pair
+from phalanx.errors import DataError
 
 
 def write_idx(path, arr: np.ndarray, gz=False, code=0x08):

@@ -10,15 +10,8 @@ import os
 import signal
 import sys
 
-import torch
-
+from phalanx import runtime
 from phalanx.config import ParallelConfig
-from phalanx.parallel.env import usable_cores
-
-
-def uses_cuda(device_pref: str) -> bool:
-    """Whether the ranks of a run with `--device device_pref` will run on GPUs."""
-    return device_pref != "cpu" and torch.cuda.is_available()
 
 
 def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 512) -> tuple[int, str]:
@@ -26,15 +19,7 @@ def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 51
     capped so that every rank still gets at least 32 images per step."""
     if pcfg.nproc != "auto":
         return int(pcfg.nproc), "as asked"
-    if uses_cuda(device_pref):
-        n = torch.cuda.device_count()
-        return n, f"one rank per GPU ({n} GPUs)"
-    cores = usable_cores()
-    n = max(1, min(cores, global_batch // 32))
-    # On a 2-core AVX-512 machine, reference CNN, global batch 512, a hand-written loop ran 1.5x
-    # faster as 2 ranks x 1 thread than as 1 x 2 (intra-op threading of small convs scales poorly,
-    # while ranks meet once per step in the all-reduce); Phalanx's loop measured the two equal.
-    return n, f"auto: one single-thread rank per CPU core ({cores} cores, >= 32 images per rank)"
+    return runtime.accelerator(device_pref).auto_nproc(global_batch)
 
 
 def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
@@ -66,16 +51,15 @@ def _forked_rank(*argv: str) -> None:
         raise SystemExit(code)
 
 
-def start_method(pcfg: ParallelConfig, cuda: bool) -> str:
-    """fork on CPU: the launcher has imported torch but never touched a device or a thread pool.
-    spawn with CUDA, which cannot be used in a process forked after the parent initialised it."""
+def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
+    """How the agent starts ranks: the accelerator's choice (fork on CPU, spawn with CUDA) unless asked."""
     if pcfg.start_method != "auto":
         return pcfg.start_method
-    return "spawn" if cuda else "fork"
+    return runtime.accelerator(device_pref).start_method
 
 
 def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None,
-           cuda: bool = False) -> int:
+           device_pref: str = "auto") -> int:
     """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code.
 
     Does what `torch.distributed.run.run` does (parse torchrun flags, `config_from_args`,
@@ -98,7 +82,7 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     config, cmd, cmd_args = config_from_args(args)
     cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
-    config.start_method = start_method(pcfg, cuda)
+    config.start_method = start_method(pcfg, device_pref)
     if config.start_method == "fork":  # a function entrypoint: the agent forks, runs it, watches the exit code
         cmd, cmd_args = _forked_rank, list(module_args)
     # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from phalanx.errors import CheckpointError
 from phalanx.models import build_model
 from phalanx.train import checkpoint as ckpt
 
@@ -67,7 +68,7 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, damag
         f.write_bytes(bytes(b))
     else:
         (new / ckpt.MARKER).unlink()
-    with pytest.raises(ckpt.CheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         ckpt.load(new)
     msg = str(e.value)
     assert "\n" not in msg
@@ -78,7 +79,7 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, damag
 def test_a_checkpoint_of_another_model_is_refused_with_one_line(tmp_path):
     path, _, _ = _save(tmp_path)
     other = build_model("phalanx_cnn", 10, 1, 28, 16)
-    with pytest.raises(ckpt.CheckpointError, match=r"model.safetensors: weights do not match the model \(shape"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: weights do not match the model \(shape"):
         ckpt.load_into(other, ckpt.load(path)["model"], path / "model.safetensors")
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from phalanx.config import OptimConfig
 from phalanx.models import build_model
 from phalanx.models.cnn import patch_whitening
-from phalanx.train.loop import build_optimizer
+from phalanx.train.schedule import build_optimizer
 
 
 def images(n=256, c=1, size=28, seed=0):

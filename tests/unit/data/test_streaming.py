@@ -1,17 +1,24 @@
 """Streaming path: the same pixels as a prepared store, in the global order, uint8 out."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from phalanx.data import prepare as P
-from phalanx.data.idx import DataError
 from phalanx.data.imageio import decode_chw
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import open_store
-from phalanx.data.streaming import (CudaJpegLoader, ImageFolderStream, RankOrder, decode_jpeg_batch_cuda,
-                                    streaming_loader)
-from tests.unit.test_prepare import make_imagefolder
+from phalanx.data.streaming import (
+    CudaJpegLoader,
+    ImageFolderStream,
+    RankOrder,
+    decode_jpeg_batch_cuda,
+    streaming_loader,
+)
+from phalanx.errors import DataError
+from tests.unit.data.test_prepare import make_imagefolder
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -87,7 +94,7 @@ def test_unreadable_file_names_itself(tmp_path):
 def test_encoded_items_are_the_file_bytes(clean_folder):
     ds = ImageFolderStream(clean_folder, 8, 3, encoded=True)
     data, _ = ds[0]
-    assert data.dtype == torch.uint8 and bytes(data.numpy()) == open(ds.files[0], "rb").read()
+    assert data.dtype == torch.uint8 and bytes(data.numpy()) == Path(ds.files[0]).read_bytes()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

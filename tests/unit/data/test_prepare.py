@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from phalanx.data import prepare as P
-from phalanx.data.idx import DataError
 from phalanx.data.imageio import decode_to_uint8
 from phalanx.data.store import MANIFEST, is_store, open_store
+from phalanx.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -131,7 +131,7 @@ def test_size_and_channels_are_chosen_from_the_images(tmp_path):
 def test_interrupted_prepare_leaves_no_store_and_a_rerun_succeeds(folder, tmp_path, monkeypatch):
     out = tmp_path / "store"
     calls = {"n": 0}
-    real = P._decode_one
+    real = P.decode_to_uint8
 
     def dies_midway(*a):
         calls["n"] += 1
@@ -139,20 +139,20 @@ def test_interrupted_prepare_leaves_no_store_and_a_rerun_succeeds(folder, tmp_pa
             raise RuntimeError("simulated crash")
         return real(*a)
 
-    monkeypatch.setattr(P, "_decode_one", dies_midway)
+    monkeypatch.setattr(P, "decode_to_uint8", dies_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         P.prepare(folder, out, size=16, workers=1, skip_bad=True, progress=False)
     assert not is_store(out) and not out.exists() and no_partials(out)
-    monkeypatch.setattr(P, "_decode_one", real)
+    monkeypatch.setattr(P, "decode_to_uint8", real)
     assert is_store(P.prepare(folder, out, size=16, workers=1, skip_bad=True, progress=False))
 
 
 def test_killed_prepare_is_not_taken_as_complete(folder, tmp_path):
     out = tmp_path / "store"
     code = (f"import time, phalanx.data.prepare as P\n"
-            f"real = P._decode_one\n"
+            f"real = P.decode_to_uint8\n"
             f"def slow(*a):\n    time.sleep(0.2)\n    return real(*a)\n"
-            f"P._decode_one = slow\n"
+            f"P.decode_to_uint8 = slow\n"
             f"P.prepare({str(folder)!r}, {str(out)!r}, size=16, workers=1, skip_bad=True, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
@@ -366,6 +366,18 @@ def test_an_existing_folder_that_is_not_a_store_is_never_replaced(folder, tmp_pa
     with pytest.raises(DataError, match="not a prepared store"):
         StoreWriter(mine, ["a"], (8, 8, 1), source="x")
     assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_folder_with_another_manifest_json_is_not_a_store(folder, tmp_path):
+    web = tmp_path / "site"
+    web.mkdir()
+    (web / MANIFEST).write_text('{"name": "my web app", "start_url": "/"}')
+    assert not is_store(web) and P.detect_kind(web) is None
+    with pytest.raises(DataError, match="not a prepared store"):
+        P.prepare(folder, web, size=8, workers=1, skip_bad=True, progress=False)
+    assert (web / MANIFEST).read_text().startswith('{"name"')
+    assert P.detect_kind(P.prepare(folder, tmp_path / "store", size=8, workers=1, skip_bad=True,
+                                   progress=False)) == "store"
 
 
 def test_cli_errors_are_one_line_exit_1(tmp_path, capsys):

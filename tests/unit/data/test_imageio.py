@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from phalanx.data.idx import DataError
-from phalanx.data.imageio import DecodeError, decode_chw, decode_rgb, decode_to_uint8, fit, probe, to_channels
+from phalanx.data.imageio import decode_chw, decode_rgb, decode_to_uint8, fit, probe, to_channels
+from phalanx.errors import DataError, DecodeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from phalanx import runtime
 from phalanx.config import ParallelConfig
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+from phalanx.runtime.cpu import usable_cores
 
 
 def threads_per_rank(pcfg: ParallelConfig, local_world: int) -> int:
@@ -58,6 +53,7 @@ class DistEnv:
     local_rank: int = 0
     local_world: int = 1
     device: torch.device = torch.device("cpu")
+    accel: runtime.Accelerator = field(default_factory=runtime.CPUAccelerator)
     backend: str = "none"
     threads: int = 1
     restart: int = 0
@@ -74,16 +70,6 @@ class DistEnv:
         return self.world > 1 and dist.is_initialized()
 
 
-def pick_device(pref: str, local_rank: int) -> torch.device:
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
-        idx = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
-
-
 def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
     """Bind the device, set CPU threads and join the process group (when there is more than one rank)."""
     e = DistEnv(
@@ -93,13 +79,14 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
     )
-    e.device = pick_device(device_pref, e.local_rank)
+    e.accel = runtime.accelerator(device_pref)
+    e.device = e.accel.bind(e.local_rank)
     e.threads = threads_per_rank(pcfg, e.local_world)
     if e.device.type == "cpu" and pcfg.keep_cpu_memory:
         keep_freed_memory()
     torch.set_num_threads(e.threads)
     if e.world > 1:
-        backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if e.device.type == "cuda" else "gloo")
+        backend = pcfg.backend if pcfg.backend != "auto" else e.accel.backend
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = e.device  # eager NCCL init, bound to this rank's GPU

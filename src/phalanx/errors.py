@@ -1,0 +1,26 @@
+"""The mistakes a user can make, as exceptions: each message is one line naming the file, field or value.
+
+The command line prints them without a traceback: ConfigError exits with 2, the others with 1.
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: printed as one line, exit code 2."""
+
+
+class DataError(ValueError):
+    """A user's data is unusable: the message names the file and the problem."""
+
+
+class DecodeError(DataError):
+    """A file is not a readable image. `reason` says why, without the file name."""
+
+    def __init__(self, source: str, reason: str | None = None):
+        # One-argument form: what pickling and DataLoader's re-raise of a worker's error call.
+        super().__init__(source if reason is None else f"{source}: {reason}")
+        self.source, self.reason = source, reason if reason is not None else source
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and the problem."""

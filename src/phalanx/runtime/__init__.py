@@ -1,0 +1,37 @@
+"""Where ranks run: one module per device kind (cpu.py, cuda.py; xla.py plugs in the same way),
+process groups (dist.py) and the elastic launcher (launch.py).
+
+Only the accelerator modules name a device kind. Everything else asks `accelerator(...)` or
+`of(device)` for the device, its count, the process-group backend, autocast support, RNG state,
+host-to-device copies and memory figures.
+"""
+from __future__ import annotations
+
+import torch
+
+from phalanx.runtime.base import Accelerator
+from phalanx.runtime.cpu import CPUAccelerator
+from phalanx.runtime.cuda import CUDAAccelerator
+
+KINDS: dict[str, type[Accelerator]] = {"cuda": CUDAAccelerator, "cpu": CPUAccelerator}
+"""In the order `--device auto` tries them."""
+
+
+def accelerator(pref: str = "auto") -> Accelerator:
+    """The accelerator for `--device pref`: `auto` takes the first kind present, in KINDS order."""
+    if pref == "auto":
+        return next(cls() for cls in KINDS.values() if cls.is_available())
+    if pref not in KINDS:
+        raise ValueError(f"device={pref!r}: choose one of auto, {', '.join(KINDS)}")
+    cls = KINDS[pref]
+    if not cls.is_available():
+        raise RuntimeError(f"device={pref} asked for, but torch sees no {pref.upper()} device")
+    return cls()
+
+
+def of(device: torch.device) -> Accelerator:
+    """The accelerator a tensor's device belongs to."""
+    return KINDS[device.type]()
+
+
+__all__ = ["Accelerator", "CPUAccelerator", "CUDAAccelerator", "KINDS", "accelerator", "of"]

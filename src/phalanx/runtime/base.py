@@ -1,0 +1,88 @@
+"""What every device kind provides. A new kind (xla.py) is one subclass and one entry in KINDS."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+class Accelerator:
+    kind: str = ""
+    backend: str = ""
+    """Default process-group backend."""
+    start_method: str = "spawn"
+    """How the elastic agent starts this kind's ranks when --parallel.start_method is auto."""
+    overlaps_copies: bool = False
+    """Whether host-to-device copies can run beside compute (pinned memory, a side stream)."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        raise NotImplementedError
+
+    def device_count(self) -> int:
+        """Devices on this node; 0 when ranks are not bound to devices (CPU)."""
+        return 0
+
+    def auto_nproc(self, global_batch: int) -> tuple[int, str]:
+        """(ranks per node, why) for `--nproc auto`."""
+        raise NotImplementedError
+
+    def bind(self, local_rank: int) -> torch.device:
+        """The device of this rank, made current."""
+        raise NotImplementedError
+
+    # ---- numerics
+    def autocast_dtype(self, pref: str) -> torch.dtype | None:
+        """Autocast dtype for `--precision pref`; None is plain fp32."""
+        if pref == "fp32":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pref) or self.auto_dtype()
+
+    def auto_dtype(self) -> torch.dtype | None:
+        return None
+
+    def autocast(self, dtype: torch.dtype | None):
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.kind, dtype=dtype)
+
+    def grad_scaler(self, dtype: torch.dtype | None):
+        """A GradScaler where the dtype needs one here, else None."""
+        return None
+
+    # ---- state
+    def rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state()}
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+
+    def peak_memory_mb(self, device: torch.device) -> float | None:
+        """This process's peak device memory, when the kind tracks it."""
+        return None
+
+    # ---- data movement
+    def pin(self, t: torch.Tensor) -> torch.Tensor:
+        """Page-locked host memory where that makes copies asynchronous, else `t`."""
+        return t
+
+    def synchronize(self, device: torch.device) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def side_stream(self, device: torch.device) -> Iterator["CopyStream"]:
+        raise NotImplementedError(f"{self.kind} has no side stream for copies")
+        yield  # pragma: no cover
+
+
+class CopyStream:
+    """Copies issued on a side stream, handed to the compute stream with an event (see TrainLoader)."""
+
+    def mark(self):
+        """An event after everything issued so far on the side stream."""
+        raise NotImplementedError
+
+    def hand_over(self, mark, tensors) -> None:
+        """Make the compute stream wait for `mark`, and keep `tensors` alive for its kernels."""
+        raise NotImplementedError

@@ -1,0 +1,50 @@
+"""CPU ranks: gloo, one or more threads each, bf16 where oneDNN has native kernels."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from phalanx.runtime.base import Accelerator
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (the one count for ranks, threads and decode workers)."""
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset / cgroup cpusets, unlike os.cpu_count()
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_has_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class CPUAccelerator(Accelerator):
+    kind = "cpu"
+    backend = "gloo"
+    # fork: the launcher has imported torch but never touched a device or a thread pool, so forked
+    # ranks start ~3 s sooner than spawned ones (5.1 s vs 8.2 s to the first step on 2 cores).
+    start_method = "fork"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def auto_nproc(self, global_batch: int) -> tuple[int, str]:
+        cores = usable_cores()
+        n = max(1, min(cores, global_batch // 32))
+        # On a 2-core AVX-512 machine, reference CNN, global batch 512, a hand-written loop ran 1.5x
+        # faster as 2 ranks x 1 thread than as 1 x 2 (intra-op threading of small convs scales poorly,
+        # while ranks meet once per step in the all-reduce); Phalanx's loop measured the two equal.
+        return n, f"auto: one single-thread rank per CPU core ({cores} cores, >= 32 images per rank)"
+
+    def bind(self, local_rank: int) -> torch.device:
+        return torch.device("cpu")
+
+    def auto_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if cpu_has_bf16() else None

@@ -1,0 +1,72 @@
+"""When the loop logs, evaluates, checkpoints and stops: small decisions, each testable alone."""
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import torch
+import torch.distributed as dist
+
+from phalanx.config import CheckpointConfig
+
+
+def log_every(steps_per_epoch: int) -> int:
+    """Training metrics about four times an epoch, at most every 50 steps."""
+    return max(1, min(50, steps_per_epoch // 4))
+
+
+def log_due(global_step: int, step_in_epoch: int, steps_per_epoch: int, total_steps: int, every: int) -> bool:
+    """Reduce and write the training loss now: every `every` steps, at each epoch's end and at the last step."""
+    return global_step % every == 0 or step_in_epoch == steps_per_epoch or global_step >= total_steps
+
+
+def eval_due(epoch: int, eval_every: int, last: bool) -> bool:
+    """Evaluate after epoch `epoch` (0-based): every `eval_every` epochs and after the last."""
+    return (epoch + 1) % eval_every == 0 or last
+
+
+def is_last_epoch(epoch: int, epochs: int, global_step: int, total_steps: int) -> bool:
+    return epoch == epochs - 1 or global_step >= total_steps
+
+
+def periodic_checkpoint_due(ckpt: CheckpointConfig, global_step: int, step_in_epoch: int, steps_per_epoch: int,
+                            minutes_since_last: float) -> bool:
+    """A periodic checkpoint now (every N steps or M minutes); never at an epoch's end, which has its own."""
+    if step_in_epoch >= steps_per_epoch:
+        return False
+    by_steps = bool(ckpt.every_steps) and global_step % ckpt.every_steps == 0
+    by_time = bool(ckpt.every_minutes) and minutes_since_last >= ckpt.every_minutes
+    return by_steps or by_time
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any rank (clocks and signals differ between ranks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM) set a flag; ranks agree on it after each step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. an embedding application)
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got the signal."""
+        return agree(self.requested, device)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,39 @@
+"""Run finish: the final weights as a plain state_dict, the summary and the curves (rank 0)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import save_file
+
+
+def export_weights(model: nn.Module, path: Path, meta: dict) -> None:
+    """Plain state_dict (no wrapper prefixes) as safetensors, metadata as JSON beside it."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, path, metadata={"phalanx": json.dumps(meta)})
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+
+
+def export_meta(run) -> dict:
+    """What `model.json` says: which model the weights fit, and how to preprocess its input."""
+    cfg, store = run.cfg, run.store
+    h, _, c = store.shape
+    return {"model": cfg.model.name, "width": cfg.model.width, "norm": cfg.model.norm, "act": cfg.model.act,
+            "num_classes": len(store.classes), "in_channels": c, "image_size": h, "classes": store.classes,
+            "mean": store.mean, "std": store.std, "ema": run.state.ema is not None}
+
+
+def finish(run, result: dict, train_s: float) -> None:
+    """model.safetensors (loadable with load_state_dict into the model class), summary.json, curves.png."""
+    run_dir, state, log = run.run_dir, run.state, run.log
+    export_weights(state.export_model, run_dir / "model.safetensors", export_meta(run))
+    summary = dict(result, run_dir=str(run_dir), global_step=state.position.global_step, world=run.env.world,
+                   precision=state.precision.name, train_s=round(train_s, 2))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    try:
+        from phalanx.observe.plots import plot_run
+        plot_run(run_dir)
+    except Exception as e:  # a plot is a nicety; never fail a finished run for it
+        log.warning(f"could not draw curves.png: {e}")
+    log.info(f"final test accuracy {100 * result.get('acc', float('nan')):.2f}%  run directory {run_dir}")

@@ -1,0 +1,43 @@
+"""The optimizer and its learning-rate schedule (given for the global batch)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from phalanx import config as C
+
+
+def build_optimizer(model: nn.Module, cfg: C.OptimConfig) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only: decaying norms and biases only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]  # not a frozen whitening stem
+    decay = [p for p in params if p.ndim > 1]
+    rest = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adadelta(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: C.ScheduleConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`."""
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** (step // max(1, steps_per_epoch * cfg.step_epochs))
+    warm = int(cfg.warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    if cfg.name == "onecycle":  # linear warm-up, then linear decay to final_frac
+        return 1.0 - (1.0 - cfg.final_frac) * frac
+    return cfg.final_frac + (1.0 - cfg.final_frac) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: C.ScheduleConfig, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg, s, max(1, total_steps), steps_per_epoch))

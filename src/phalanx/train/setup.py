@@ -1,0 +1,174 @@
+"""Run set-up: the run directory, the data, the model with its strategy, and the state (resumed
+from a checkpoint when there is one)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from phalanx import config as C
+from phalanx.data import streaming
+from phalanx.data.augment import Normalize
+from phalanx.data.loader import SplitOnDevice, TrainLoader, evenly_spaced
+from phalanx.data.sampler import GlobalSampler
+from phalanx.data.sources import open_on_node
+from phalanx.errors import CheckpointError, ConfigError
+from phalanx.models import build_model
+from phalanx.observe.console import MetricsWriter, setup_logging
+from phalanx.parallel.collectives import broadcast_object
+from phalanx.parallel.strategy import build_strategy
+from phalanx.runtime.dist import DistEnv
+from phalanx.train import checkpoint as ckpt
+from phalanx.train.precision import Precision
+from phalanx.train.schedule import build_optimizer, build_scheduler
+from phalanx.train.state import Position, TrainState
+
+
+@dataclass
+class Run:
+    """What one training run is made of, built by `setup`."""
+    cfg: C.Config
+    env: DistEnv
+    run_dir: Path
+    log: logging.Logger
+    metrics: MetricsWriter
+    store: Any                 # Store or FolderStream: classes, mean, std, shape
+    loader: Any                # TrainLoader or StreamTrainLoader: this rank's augmented micro-batches
+    test_data: Any             # SplitOnDevice or StreamSplit
+    normalize: Normalize
+    state: TrainState
+    steps_per_epoch: int
+    total_steps: int
+
+
+def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
+    """Rank 0 picks the run directory, every rank uses that one."""
+    if cfg.run_dir:
+        name = cfg.run_dir  # all nodes take rank 0's (node 0's launcher) name below
+    elif cfg.ckpt.resume:
+        found = ckpt.find_latest(Path(cfg.ckpt.resume))
+        p = Path(cfg.ckpt.resume)
+        name = str(found.parent.parent if found is not None and found.parent.name == "checkpoints" else p)
+    elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        # Under a bare torchrun the run id is stable across elastic restarts, so a restarted group
+        # finds its checkpoints (`phalanx train --nproc` passes an explicit run_dir instead).
+        name = str(Path(cfg.out_dir) / f"{cfg.model.name}-{os.environ['TORCHELASTIC_RUN_ID']}")
+    else:
+        name = cfg.default_run_dir() if env.is_main else ""
+    name = broadcast_object(name)
+    run_dir = Path(name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
+    """(store, loader, test data, normalize, sampler): local rank 0 prepares the store once per node and
+    every rank maps the same files; or, streamed, DataLoader workers decode the ImageFolder every step."""
+    if cfg.data.stream:
+        workers = streaming.stream_workers(cfg.data.stream_workers, env.local_world)
+        store = streaming.open_folder_stream(cfg.data.path, cfg.data.size, cfg.data.channels, workers, env.is_main)
+        if not cfg.data.channels:  # record the choice, so `phalanx eval RUN_DIR` prepares the same channels
+            cfg.data.channels = store.shape[2]
+            if env.is_main:
+                (run_dir / "config.toml").write_text(C.to_toml(cfg))
+    else:
+        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
+                             cfg.data.size, cfg.data.channels)
+    train_split, test_split = store["train"], store["test" if "test" in store.splits else "val"]
+    if cfg.global_batch // cfg.grad_accum < env.world:
+        raise ConfigError(f"global_batch={cfg.global_batch} with grad_accum={cfg.grad_accum} gives fewer images "
+                            f"per micro-step than the {env.world} ranks")
+    sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, cfg.grad_accum)
+    normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last)
+    if cfg.data.stream:
+        loader = streaming.StreamTrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed,
+                                             workers)
+        test_data = streaming.StreamSplit(test_split, env.device, workers)
+    else:
+        loader = TrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed, cfg.data.prefetch)
+        test_data = SplitOnDevice(test_split, env.device, resident=loader.source.images is not None)
+    return store, loader, test_data, normalize, sampler
+
+
+def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_steps: int,
+                steps_per_epoch: int) -> TrainState:
+    """Model (same initial weights on every rank), strategy, optimizer, schedule, precision, EMA."""
+    h, w, c = store.shape
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width, cfg.model.norm, cfg.model.act)
+    if cfg.model.whiten and hasattr(net, "whiten_stem"):  # before DDP's broadcast; a resume overwrites it
+        train_split = store["train"]
+        net.whiten_stem(normalize(evenly_spaced(train_split, 512 if cfg.data.stream else 2048).to(env.device)))
+    strategy = build_strategy(cfg, env)
+    model = strategy.wrap(net)
+    plain = strategy.plain
+    optimizer = build_optimizer(plain, cfg.optim)
+    ema = (AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema > 0 else None)
+    return TrainState(model=model, plain=plain, strategy=strategy, optimizer=optimizer,
+                      scheduler=build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch),
+                      precision=Precision.from_config(cfg.precision, env.accel), ema=ema, accel=env.accel)
+
+
+def resume(run: Run) -> None:
+    """Continue from an explicit --resume, or from a checkpoint already in this run directory."""
+    cfg, env, log, state = run.cfg, run.env, run.log, run.state
+    if cfg.ckpt.resume:
+        found = ckpt.find_latest(Path(cfg.ckpt.resume))
+        if found is None:  # asked for explicitly: never silently start from scratch
+            raise CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
+    else:
+        found = ckpt.find_latest(run.run_dir)
+        root = run.run_dir / "checkpoints"
+        if found is None and root.is_dir() and any(root.glob("step-*")):
+            log.warning(ckpt.why_no_checkpoint(run.run_dir) + "; starting from scratch")
+    if found is None:
+        return
+    env.phase = f"loading checkpoint {found}"
+    got = ckpt.load(found)
+    state.load_state_dict(got, found, env.rank)
+    st, pos = got["state"], state.position
+    if st.get("global_batch") != cfg.global_batch:
+        log.warning(f"resuming with global_batch={cfg.global_batch}, checkpoint used {st.get('global_batch')}: "
+                    f"the data order will differ from an uninterrupted run")
+    log.info(f"resumed from {found} at epoch {pos.epoch + 1}, step {pos.step} (global step {pos.global_step}), "
+             f"written by {st.get('world')} ranks, now {env.world}")
+    if pos.step >= run.steps_per_epoch:
+        state.position = pos = Position(pos.epoch + 1, 0, pos.global_step)
+    if pos.global_step >= run.total_steps or pos.epoch >= cfg.epochs:
+        log.info(f"{found} is the end of this run ({pos.global_step} steps): nothing left to train; "
+                 f"re-exporting its weights (raise --epochs, or use another --run_dir, to train more)")
+
+
+def setup(cfg: C.Config, env: DistEnv) -> Run:
+    env.phase = "preparing the run directory"
+    run_dir = resolve_run_dir(cfg, env)
+    log = setup_logging(run_dir, env.rank, console=env.is_main)
+    if env.is_main:
+        (run_dir / "config.toml").write_text(C.to_toml(cfg))
+    log.info(f"rank {env.rank}/{env.world} pid {os.getpid()} device {env.device} threads {env.threads} "
+             f"backend {env.backend} restart {env.restart}")
+    env.phase = "preparing the data"
+    store, loader, test_data, normalize, sampler = open_data(cfg, env, run_dir)
+    steps_per_epoch = sampler.steps
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    state = build_state(cfg, env, store, normalize, total_steps, steps_per_epoch)
+    h, w, c = store.shape
+    n_params = sum(p.numel() for p in state.plain.parameters())
+    log.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f} M params) | data {store.path.name} "
+             f"{len(store['train'])} train / {len(test_data.split)} test, {h}x{w}x{c} | world {env.world} x "
+             f"{env.threads} threads on {env.device} | precision {state.precision.name} | global batch "
+             f"{cfg.global_batch} ({steps_per_epoch} steps/epoch)")
+    run = Run(cfg, env, run_dir, log, MetricsWriter(run_dir / "metrics.jsonl" if env.is_main else None), store,
+              loader, test_data, normalize, state, steps_per_epoch, total_steps)
+    resume(run)
+    return run

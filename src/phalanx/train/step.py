@@ -1,0 +1,49 @@
+"""One training step: forward and backward per micro-batch, then the optimizer step.
+
+    micro-batch -> model under autocast -> loss (sum / global batch x world) -> backward
+                   (gradient all-reduce on the last micro-batch only) -> clip -> optimizer -> schedule
+                   -> ranks agree on the model (norm statistics) -> EMA
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from phalanx.data.loader import Batch
+from phalanx.train.state import TrainState
+
+
+def forward_backward(state: TrainState, batch: Batch, loss_scale: float, label_smoothing: float,
+                     sync: bool) -> torch.Tensor:
+    """Accumulate this micro-batch's gradients; returns its loss sum (detached, on the device)."""
+    with state.strategy.no_sync(sync):
+        with state.precision.autocast():
+            out = state.model(batch.x)
+        # Sum over this rank's images / global batch x world: DDP's mean over ranks then gives the
+        # global-batch mean, however unevenly the batch was split.
+        loss_sum = F.cross_entropy(out.float(), batch.y, reduction="sum", label_smoothing=label_smoothing)
+        state.precision.backward(loss_sum * loss_scale)
+    return loss_sum.detach()
+
+
+def optimizer_step(state: TrainState, grad_clip: float) -> None:
+    if grad_clip > 0:
+        state.precision.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.plain.parameters(), grad_clip)
+    state.precision.step(state.optimizer)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.strategy.after_step()  # one model on every rank, before the EMA takes it in
+    if state.ema is not None:
+        state.ema.update_parameters(state.plain)
+
+
+def train_step(state: TrainState, batch: Batch, accum: int, loss_scale: float, label_smoothing: float = 0.0,
+               grad_clip: float = 0.0) -> tuple[torch.Tensor, bool]:
+    """(loss sum of the micro-batch, whether the optimizer stepped: on the last of `accum` micro-batches)."""
+    last = batch.micro == accum - 1
+    loss_sum = forward_backward(state, batch, loss_scale, label_smoothing, sync=last)
+    if last:
+        optimizer_step(state, grad_clip)
+    return loss_sum, last

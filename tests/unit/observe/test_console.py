@@ -1,0 +1,42 @@
+"""What rank 0 shows and every rank writes."""
+import json
+import logging
+
+import torch
+
+from phalanx.observe.console import MetricsWriter, TrainMeter, setup_logging
+
+
+def test_train_meter_gives_the_mean_loss_per_image_and_starts_a_new_window():
+    m = TrainMeter(torch.device("cpu"))
+    m.add(torch.tensor(30.0), 10)
+    m.add(torch.tensor(10.0), 30)
+    m.step(40)
+    loss, rate = m.reduce()
+    assert loss == 1.0 and rate > 0
+    assert m.reduce()[0] == 0.0 and m.seen == 0
+
+
+def test_metrics_are_json_lines_with_times(tmp_path):
+    w = MetricsWriter(tmp_path / "metrics.jsonl")
+    w.write(event="train", step=1, loss=0.5)
+    w.write(event="eval", acc=0.9)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows] == ["train", "eval"] and all("time" in r for r in rows)
+    MetricsWriter(None).write(event="x")  # ranks other than 0 write nothing
+
+
+def test_debug_lines_reach_the_rank_file_only(tmp_path, capsys):
+    log = setup_logging(tmp_path, 1, console=True)
+    log.debug("detail for the file")
+    log.info("for everyone")
+    for h in log.handlers:
+        h.flush()
+    text = (tmp_path / "logs" / "rank-1.log").read_text()
+    assert "detail for the file" in text and "for everyone" in text
+    out = capsys.readouterr().out
+    assert "for everyone" in out and "detail for the file" not in out
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    logging.getLogger("phalanx").setLevel(logging.INFO)
