@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-fast lint bench setup data clean gpu-pack gpu-check
+.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check
 
 setup: $(STAMP)
 
@@ -23,13 +23,17 @@ run: data
 	$(VENV)/bin/phalanx train $(ARGS)
 
 test: data lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Further real launches (kept out of `make test` to hold it under 10 minutes); CI runs this lane too.
+test-slow: data
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 test-fast: data
-	$(PY) -m pytest -q -m "not dist and not e2e" $(ARGS)
+	$(PY) -m pytest -q -m "not dist and not e2e and not slow" $(ARGS)
 
 bench: data
 	$(PY) -m pip install -q -e '.[bench]'

@@ -44,6 +44,7 @@ def test_two_ranks_through_the_elastic_launcher(cache_dir, small_idx, tmp_path):
     assert r.stdout.count("final test accuracy") == 1
 
 
+@pytest.mark.slow
 def test_forked_and_spawned_ranks_train_the_same_weights(cache_dir, small_idx, tmp_path):
     # On CPU the launcher forks its ranks (they inherit the imported torch); spawn starts fresh
     # interpreters. The arithmetic must not notice.

@@ -75,6 +75,7 @@ def test_sigkill_of_a_rank_under_elastic_restarts_matches_uninterrupted(referenc
     assert summary["loss"] == ref["loss"]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_2_ranks_resumes_on_1_and_3_ranks(reference, cache_dir, small_idx, tmp_path):
     src = tmp_path / "two"
     r = run_phalanx(cmd(small_idx, src, 2, "--model.norm", "group", "--model.act", "gelu"), cache_dir,
@@ -120,8 +121,10 @@ def _wait_for_step(run_dir: Path, proc, timeout=120):
     raise AssertionError("training did not start")
 
 
-@pytest.mark.parametrize("launcher,sig", [("single", signal.SIGTERM), ("single", signal.SIGUSR1),
-                                          ("phalanx", signal.SIGTERM), ("torchrun", signal.SIGTERM)])
+@pytest.mark.parametrize("launcher,sig", [("single", signal.SIGTERM),
+                                          pytest.param("single", signal.SIGUSR1, marks=pytest.mark.slow),
+                                          ("phalanx", signal.SIGTERM),
+                                          pytest.param("torchrun", signal.SIGTERM, marks=pytest.mark.slow)])
 def test_preemption_signal_checkpoints_and_exits_cleanly(cache_dir, small_idx, tmp_path, launcher, sig):
     run_dir = tmp_path / "run"
     args = cmd(small_idx, run_dir, 1 if launcher == "single" else 2, "--epochs", "40")

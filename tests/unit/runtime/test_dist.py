@@ -17,8 +17,7 @@ opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
 x = torch.randn(256, 1, 28, 28).to(memory_format=torch.channels_last)
 y = torch.arange(256) % 10
 def step():
-    with torch.autocast("cpu", torch.bfloat16):
-        loss = F.cross_entropy(net(x).float(), y)
+    loss = F.cross_entropy(net(x), y)
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 for _ in range(3): step()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -35,4 +34,4 @@ def test_keep_freed_memory_stops_page_faults_in_training_steps():
                   .stdout.split()[-1]) for flag in ("0", "1")]
     default, tuned = faults
     assert default > 1000, faults
-    assert tuned < default / 5, faults  # measured here: 3,170 vs 313 pages per step
+    assert tuned < default / 5, faults  # fp32, AMD EPYC (Zen 3): 10,305-11,239 vs 0-470 pages per step
