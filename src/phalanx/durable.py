@@ -21,3 +21,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def plain_file_name(name) -> bool:
+    """True for a file name that stays inside its folder (no separator, not '.', '..' or empty) and
+    that the file system can encode. Store manifests and checkpoint markers list only such names."""
+    if not (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+            and not {"/", "\\", "\0"} & set(name)):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeError:  # a lone surrogate: no file can have this name
+        return False
+    return True

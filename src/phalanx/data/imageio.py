@@ -9,6 +9,8 @@ an image is turned into exactly the same bytes whether it was prepared, streamed
              which applies the Exif orientation; both give the same pixels
           -> otherwise torchvision.io.decode_image (JPEG, PNG, GIF, WebP; palette, alpha, gray, 16-bit)
           -> PIL for the rest (BMP, TIFF, PPM, ...) or when torchvision.io refuses a file
+          (any file whose header declares more than `max_pixels()` is refused first: a small file
+          must not make a decoder allocate gigabytes)
           -> RGB uint8 -> 1 channel (PIL's integer luma formula) if asked
           -> shorter side resized to `size` (bilinear, antialias) -> centre crop size x size
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -44,6 +47,20 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", 
 # the ImportError below falls back to PIL.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
                         category=DeprecationWarning)
+
+# Images whose header declares more pixels than this are refused before any decoding: PIL's
+# decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS, 178,956,970 by default), the one that
+# `probe`, and so `phalanx data prepare`, already applies through Image.open. Read from PIL when a
+# file is decoded, so a program that raises Image.MAX_IMAGE_PIXELS (or sets it to None) moves both.
+def max_pixels() -> int | None:
+    """The most pixels an image may declare (None: no limit), as PIL's Image.open enforces it."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - torchvision depends on Pillow
+        return 2 * 89_478_485
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
 
 # PIL modes whose pixels carry no colour.
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -156,6 +173,49 @@ def jpeg_header(data: bytes | memoryview) -> tuple[int, int, bool] | None:
     return None
 
 
+def declared_size(data: bytes | memoryview, fmt: str | None) -> tuple[int, int] | None:
+    """(height, width) that a PNG, GIF, WebP or JPEG header declares, from its first bytes; None for
+    other formats (PIL checks those itself when it opens them) or a header too short to tell."""
+    head = bytes(data[:64])
+    if fmt == "png" and len(head) >= 24 and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+        return h, w
+    if fmt == "gif" and len(head) >= 10:  # the logical screen, which every frame is drawn on
+        w, h = struct.unpack("<HH", head[6:10])
+        return h, w
+    if fmt == "webp" and len(head) >= 30:
+        return _webp_size(head)
+    if fmt == "jpeg":
+        header = jpeg_header(data)
+        return None if header is None else header[:2]
+    return None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit canvas width - 1 and height - 1
+        w = int.from_bytes(head[24:27], "little") + 1
+        h = int.from_bytes(head[27:30], "little") + 1
+        return h, w
+    if chunk == b"VP8L" and head[20] == 0x2F:  # lossless: 14-bit width - 1 and height - 1
+        bits = int.from_bytes(head[21:25], "little")
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy key frame: 14-bit width, height
+        w, h = struct.unpack("<HH", head[26:30])
+        return h & 0x3FFF, w & 0x3FFF
+    return None
+
+
+def check_pixels(name: str, size: tuple[int, int] | None) -> None:
+    """DecodeError when a header declares more pixels than `max_pixels()`: refused before decoding,
+    so a small file cannot make a decoder allocate gigabytes (a decompression bomb)."""
+    limit = max_pixels()
+    if size is None or limit is None or size[0] * size[1] <= limit:
+        return
+    raise DecodeError(name, f"declares {size[1]}x{size[0]} pixels, more than the limit of {limit:,d} (PIL's "
+                            f"decompression-bomb limit); shrink the image or leave it out")
+
+
 def _reduced_scale(h: int, w: int, min_side: int) -> int:
     """PIL's `draft` rule: the largest of 8, 4, 2, 1 not above min(h // min_side, w // min_side)."""
     r = min(h // min_side, w // min_side)
@@ -202,7 +262,7 @@ def _decode_jpeg_reduced(data: torch.Tensor, min_side: int) -> torch.Tensor | No
 
 def decode_rgb(source: str | Path | bytes | torch.Tensor, min_side: int = 0) -> torch.Tensor:
     """Decode an encoded image to RGB uint8 (3, H, W), possibly a channels-last view; DecodeError if
-    unreadable.
+    unreadable, or before any decoding when its header declares more than `max_pixels()` pixels.
 
     min_side 0: the native size. min_side > 0: a JPEG whose shorter side is at least 2 * min_side is
     decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides >= min_side; other images and
@@ -212,8 +272,9 @@ def decode_rgb(source: str | Path | bytes | torch.Tensor, min_side: int = 0) -> 
     if data.numel() == 0:
         raise DecodeError(name, "empty file (0 bytes)")
     fmt = sniff(data[:16].numpy().tobytes())
-    header = jpeg_header(memoryview(data.numpy())) if fmt == "jpeg" and min_side > 0 else None
-    if header is not None and min(header[:2]) >= 2 * min_side:
+    header = jpeg_header(memoryview(data.numpy())) if fmt == "jpeg" else None
+    check_pixels(name, header[:2] if header is not None else declared_size(memoryview(data.numpy()), fmt))
+    if header is not None and min_side > 0 and min(header[:2]) >= 2 * min_side:
         img = None if header[2] else _decode_jpeg_turbo(data, header[0], header[1], min_side)
         if img is None:  # Exif (PIL applies its orientation), no simplejpeg, or a file it refuses
             img = _decode_jpeg_reduced(data, min_side)

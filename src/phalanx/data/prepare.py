@@ -156,8 +156,14 @@ def fingerprint(stamps: Iterable[tuple[str, int, int]]) -> str:
 def _walk_images(folder: Path, root: Path, stamps: list[tuple[str, int, int]], zero: list[str]
                  ) -> tuple[list[str], int]:
     """Image files below `folder` (recursively, symlinks followed once), relative to root; + ignored count.
-    Appends each file's `file_stamp` to `stamps` and the empty ones to `zero`."""
+    Appends each file's `file_stamp` to `stamps` and the empty ones to `zero`.
+
+    `folder` itself may be a link to anywhere; a link to a directory below it must stay inside it:
+    one pointing elsewhere (a parent, another class or split, outside the tree) would count images
+    again or under the wrong class, so it is refused with a DataError naming it.
+    """
     files, ignored, seen = [], 0, set()
+    top = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # a symlink loop
@@ -165,6 +171,8 @@ def _walk_images(folder: Path, root: Path, stamps: list[tuple[str, int, int]], z
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            _check_dir_link(os.path.join(dirpath, d), top, folder)
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -178,6 +186,20 @@ def _walk_images(folder: Path, root: Path, stamps: list[tuple[str, int, int]], z
                 zero.append(rel)
             files.append(rel)
     return sorted(files), ignored
+
+
+def _check_dir_link(path: str, top: str, folder: Path) -> None:
+    """DataError when `path` is a link to a directory that is not strictly inside `top` (the real
+    path of the class folder `folder`)."""
+    if not os.path.islink(path):
+        return
+    target = os.path.realpath(path)
+    if target.startswith(top.rstrip(os.sep) + os.sep):
+        return
+    above = (top + os.sep).startswith(target.rstrip(os.sep) + os.sep)
+    where = "the class folder itself or a folder above it" if above else "a folder outside it"
+    raise DataError(f"{path}: a link to {where} ({target}); Phalanx does not follow it, as its images would count "
+                    f"again or under the wrong class. Remove the link, or move the images themselves into {folder}")
 
 
 def _held_out_rank(rel: str, seed: int) -> bytes:

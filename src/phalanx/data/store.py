@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phalanx.durable import fsync_path, sha256_file
+from phalanx.durable import fsync_path, plain_file_name, sha256_file
 from phalanx.errors import DataError
 
 FORMAT = "phalanx-store"
@@ -68,7 +68,11 @@ class Store:
 
     def verify(self) -> None:
         """Recompute every checksum in the manifest; raise DataError on the first mismatch."""
+        check_manifest(self.manifest, self.path / MANIFEST)
         for name, info in self.manifest["splits"].items():
+            if "sha256" not in info:
+                raise DataError(f"{self.path / MANIFEST}: split {name!r} has no 'sha256' field; prepare the store "
+                                f"again")
             for kind in ("images", "labels"):
                 f = self.path / info[kind]
                 if sha256_file(f) != info["sha256"][kind]:
@@ -103,26 +107,117 @@ def is_store(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def open_store(path: str | Path) -> Store:
-    """Map a prepared store read-only; validates the manifest and file sizes, not checksums."""
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, words in ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
+                        (float, "a number")):
+        if isinstance(value, kind):
+            return words
+    return "null"
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+KINDS = ("images", "labels")
+
+
+def _check_split(mpath: Path, name: str, info) -> None:
+    where = f"{mpath}: split {name!r}"
+    if not isinstance(info, dict):
+        raise DataError(f"{where} must be an object, found {_json_type(info)}")
+    for kind in KINDS:
+        f = info.get(kind)
+        if not plain_file_name(f):
+            raise DataError(f"{where}: field {kind!r} must be a plain file name inside {mpath.parent}, found "
+                            f"{f!r}; refusing to read it (prepare the store again)")
+    if not _is_count(info.get("count")):
+        raise DataError(f"{where}: field 'count' must be a non-negative integer, found "
+                        f"{_json_type(info.get('count'))}")
+    sha = info.get("sha256")
+    if "sha256" in info and not (isinstance(sha, dict) and all(isinstance(sha.get(k), str) for k in KINDS)):
+        raise DataError(f"{where}: field 'sha256' must be an object with 'images' and 'labels' strings")
+    cc = info.get("class_counts")
+    if "class_counts" in info and not (isinstance(cc, list) and all(map(_is_count, cc))):
+        raise DataError(f"{where}: field 'class_counts' must be a list of non-negative integers (one per class)")
+
+
+def check_manifest(manifest, mpath: Path) -> None:
+    """The fields of a store manifest that Phalanx reads, by type; one DataError line naming the
+    manifest and the field otherwise. File names must be plain names inside the store folder."""
+    if not isinstance(manifest, dict):
+        raise DataError(f"{mpath}: a manifest must be a JSON object, found {_json_type(manifest)}")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
+    classes, shape, splits = manifest.get("classes"), manifest.get("shape"), manifest.get("splits")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{mpath}: field 'classes' must be a non-empty list of class names, found "
+                        f"{_json_type(classes)}")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_count(x) and x > 0 for x in shape)
+            and shape[2] in (1, 3)):
+        raise DataError(f"{mpath}: field 'shape' must be [height, width, channels] (positive integers, 1 or 3 "
+                        f"channels), found {shape!r:.60}")
+    if not isinstance(splits, dict):
+        raise DataError(f"{mpath}: field 'splits' must be an object (split name -> files), found {_json_type(splits)}")
+    for name, info in splits.items():
+        _check_split(mpath, name, info)
+    for key in ("mean", "std"):
+        v = manifest.get(key)
+        if (key in manifest or splits) and not (isinstance(v, list) and len(v) == shape[2] and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)):
+            raise DataError(f"{mpath}: field {key!r} must be a list of {shape[2]} numbers (one per channel), found "
+                            f"{_json_type(v)}")
+    _check_descriptive(manifest, mpath)
+
+
+def _check_descriptive(manifest: dict, mpath: Path) -> None:
+    """The fields only `phalanx data info` shows: their types, so that it too never fails on them."""
+    for key, kind, words in (("options", dict, "an object"), ("skipped", list, "a list"), ("source", str, "a string"),
+                             ("created", str, "a string")):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise DataError(f"{mpath}: field {key!r} must be {words}, found {_json_type(manifest[key])}")
+    if not all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("reason"), str)
+               for e in manifest.get("skipped", [])):
+        raise DataError(f"{mpath}: field 'skipped' must be a list of {{\"path\", \"reason\"}} objects")
+    opts = manifest.get("options", {})
+    held, empty = opts.get("held_out"), opts.get("empty_classes")
+    number = (int, float)
+    if held and not (isinstance(held, dict) and isinstance(held.get("fraction"), number)
+                     and isinstance(held.get("seed"), number)):
+        raise DataError(f"{mpath}: field 'options.held_out' must be an object with numbers 'fraction' and 'seed'")
+    if empty and not (isinstance(empty, list) and all(isinstance(c, str) for c in empty)):
+        raise DataError(f"{mpath}: field 'options.empty_classes' must be a list of class names")
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The checked manifest of the store at `path`; DataError (one line) when it is missing or unusable."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise DataError(f"{path}: not a prepared store (no {MANIFEST}); an interrupted prepare leaves none, "
                         f"run `phalanx data prepare` again")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{mpath}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise DataError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        lines = str(e).strip().splitlines()
+        raise DataError(f"{mpath}: unreadable manifest ({lines[0] if lines else type(e).__name__})") from None
+    check_manifest(manifest, mpath)
+    return manifest
+
+
+def open_store(path: str | Path) -> Store:
+    """Map a prepared store read-only; validates the manifest and file sizes, not checksums."""
+    path = Path(path)
+    manifest = read_manifest(path)
     store = Store(path, manifest)
     shape = tuple(manifest["shape"])
     for name, info in manifest["splits"].items():
         try:
             images = np.load(path / info["images"], mmap_mode="r")
             labels = np.load(path / info["labels"], mmap_mode="r")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
             raise DataError(f"{path / info['images']}: cannot map ({e}); prepare the store again") from None
         if images.dtype != np.uint8 or images.shape[1:] != shape or len(images) != info["count"]:
             raise DataError(f"{path / info['images']}: shape {images.shape} {images.dtype} does not match the "
@@ -137,8 +232,8 @@ def _same_data(path: Path, manifest: dict) -> bool:
     """True when `path` is a complete store with exactly the classes, shape and split files (by
     SHA-256) of `manifest`."""
     try:
-        theirs = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+        theirs = read_manifest(path)
+    except DataError:
         return False
 
     def key(m: dict) -> tuple:

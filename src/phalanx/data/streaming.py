@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from phalanx import runtime
 from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize
-from phalanx.data.imageio import decode_chw, fit, read_encoded, sniff
+from phalanx.data.imageio import declared_size, decode_chw, fit, max_pixels, read_encoded, sniff
 from phalanx.data.loader import Batch, augmented
 from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
 from phalanx.data.sampler import GlobalSampler
@@ -183,7 +183,8 @@ def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels:
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("decode_jpeg_batch_cuda needs a CUDA device; use ImageFolderStream on the CPU")
     out = torch.empty((len(encoded), channels, size, size), dtype=torch.uint8, device=device)
-    jpeg = [i for i, d in enumerate(encoded) if sniff(d[:4].numpy().tobytes()) == "jpeg"]
+    # A JPEG declaring more than max_pixels() goes to the CPU decoder, which refuses it before decoding.
+    jpeg = [i for i, d in enumerate(encoded) if sniff(d[:4].numpy().tobytes()) == "jpeg" and _within_limit(d)]
     done = set()
     if jpeg:
         try:
@@ -203,6 +204,11 @@ def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels:
         if i not in done:  # CPU decoder (raises DataError naming the problem when unreadable)
             out[i].copy_(decode_chw(data, size, channels), non_blocking=True)
     return out
+
+
+def _within_limit(jpeg: torch.Tensor) -> bool:
+    limit, size = max_pixels(), declared_size(memoryview(jpeg.numpy()), "jpeg")
+    return limit is None or size is None or size[0] * size[1] <= limit
 
 
 class CudaJpegLoader:

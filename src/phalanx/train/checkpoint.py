@@ -9,11 +9,18 @@
 A checkpoint directory counts only when COMPLETE exists and its checksums match, so a kill at any
 moment of a write leaves the previous checkpoint the newest valid one. Only rank 0 writes: the
 model and optimizer are replicated under DDP, and the small per-rank RNG states are gathered.
+
+Nothing here deletes a checkpoint that may be the only copy of a user's work: `_prune` removes old
+complete ones beyond `keep` and leftovers of dead writers, never a folder `set_aside` renamed to
+`<name>.corrupt`. Every JSON file read here is checked field by field, so any content gives one
+CheckpointError line naming the file and the field.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,10 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phalanx import faults
-from phalanx.durable import fsync_path, sha256_file
+from phalanx.durable import fsync_path, plain_file_name, sha256_file
 from phalanx.errors import CheckpointError
 
 MARKER = "COMPLETE"
+CORRUPT = ".corrupt"   # suffix of a checkpoint folder set aside by `set_aside`
+# The files `load` reads: COMPLETE must list each one that exists (ema.safetensors only with an EMA).
+LOADED_FILES = ("model.safetensors", "optim.safetensors", "rng.safetensors", "state.json", "ema.safetensors")
 
 
 # ----------------------------------------------------------------------------- nested state <-> (JSON, tensors)
@@ -62,15 +72,91 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj))
 
 
+# ----------------------------------------------------------------------------- JSON checks (one line each)
+
+def json_type(value: Any) -> str:
+    """What a JSON value is, in words, for messages: 'an object', 'a list', 'null', ..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, words in ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
+                        (float, "a number")):
+        if isinstance(value, kind):
+            return words
+    return "null" if value is None else type(value).__name__
+
+
+def show(value: Any, width: int = 40) -> str:
+    """A JSON value as it is written, cut to `width` characters: safe in a one-line message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = json_type(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _short(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; CheckpointError naming the file otherwise."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointError(f"{path}: unreadable {what} ({_short(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: the {what} must be a JSON object, found {json_type(obj)}; the file is "
+                              f"damaged or was not written by Phalanx")
+    return obj
+
+
+def is_count(value: Any) -> bool:
+    """A non-negative JSON integer (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 # ----------------------------------------------------------------------------- write
 
 def save(ckpt_root: Path, global_step: int, model_sd: dict, optim_sd: dict, state: dict,
          ema_sd: dict | None = None, keep: int = 2, rank: int = 0) -> Path:
-    """Write one checkpoint atomically and prune old ones; returns its directory."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    """Write one checkpoint atomically and prune old ones; returns its directory.
+
+    Leftovers of dead writers go first, so space a full disk left behind is freed before this write.
+    An OSError while writing (a full disk, say) removes this write's partial folder and becomes one
+    CheckpointError line; the previous checkpoints stay as they were.
+    """
+    ckpt_root = Path(ckpt_root)
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(ckpt_root, e) from None
+    remove_stale_writes(ckpt_root)
+    tmp = ckpt_root / f".step-{global_step:08d}.tmp-{os.getpid()}"
+    try:
+        return _save(ckpt_root, tmp, global_step, model_sd, optim_sd, state, ema_sd, keep, rank)
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(ckpt_root, e) from None
+
+
+def _write_error(ckpt_root: Path, e: OSError | SafetensorError) -> CheckpointError:
+    """One line for a failed write, saying what to do about it."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:  # SafetensorError: "Error while serializing: I/O error: ... (os error 28)"
+        m = re.search(r"\((?:os error|code:) (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    why = (e.strerror if isinstance(e, OSError) else None) or (os.strerror(code) if code else _short(e))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointError(f"{ckpt_root}: cannot write the checkpoint ({why}); free space or set --ckpt.keep lower")
+    return CheckpointError(f"{ckpt_root}: cannot write the checkpoint ({why}); check that the run directory is "
+                           f"writable and its file system has room")
+
+
+def _save(ckpt_root: Path, tmp: Path, global_step: int, model_sd: dict, optim_sd: dict, state: dict,
+          ema_sd: dict | None, keep: int, rank: int) -> Path:
     name = f"step-{global_step:08d}"
     final = ckpt_root / name
-    tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -94,7 +180,7 @@ def save(ckpt_root: Path, global_step: int, model_sd: dict, optim_sd: dict, stat
     os.replace(tmp / (MARKER + ".tmp"), tmp / MARKER)
     fsync_path(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _make_way(final)
     os.replace(tmp, final)
     fsync_path(ckpt_root)
     latest_tmp = ckpt_root / ".latest.tmp"
@@ -105,29 +191,83 @@ def save(ckpt_root: Path, global_step: int, model_sd: dict, optim_sd: dict, stat
     return final
 
 
+def _make_way(final: Path) -> None:
+    """Clear the folder of a checkpoint written again at the same step: a valid one is replaced, a
+    corrupt one is set aside for inspection, never deleted."""
+    try:
+        verify(final)
+    except CheckpointError:
+        set_aside(final)
+        return
+    shutil.rmtree(final)
+
+
 def _prune(ckpt_root: Path, keep: int) -> None:
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / MARKER).is_file())
+    # Only `step-NNNNNNNN` folders: a `step-NNNNNNNN.corrupt` one set aside for inspection is never removed.
+    done = sorted(p for p in ckpt_root.glob("step-*") if _is_step_name(p.name) and (p / MARKER).is_file())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".step-*.tmp-*"):  # leftovers of killed writes
+    remove_stale_writes(ckpt_root)
+
+
+def _is_step_name(name: str) -> bool:
+    return name.startswith("step-") and name[5:].isdigit()
+
+
+def remove_stale_writes(ckpt_root: Path) -> list[Path]:
+    """Remove the `.step-*.tmp-PID` folders of other processes: only rank 0 of a run writes, so they
+    are leftovers of writers that were killed or ran out of space. Returns what was removed."""
+    removed = []
+    for stale in ckpt_root.glob(".step-*.tmp-*"):
         if stale.name.rsplit("-", 1)[-1] != str(os.getpid()):
             shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a corrupt checkpoint folder to `<name>.corrupt` (`.corrupt-2`, ... when taken) so that
+    nothing overwrites or prunes it, and return the new path. Nothing is deleted."""
+    ckpt = Path(ckpt)
+    target = ckpt.with_name(ckpt.name + CORRUPT)
+    n = 2
+    while target.exists() or target.is_symlink():
+        target = ckpt.with_name(f"{ckpt.name}{CORRUPT}-{n}")
+        n += 1
+    try:
+        os.rename(ckpt, target)
+    except OSError as e:
+        raise CheckpointError(f"{ckpt}: cannot set the corrupt checkpoint aside as {target.name} "
+                              f"({e.strerror or _short(e)})") from None
+    fsync_path(ckpt.parent)
+    return target
 
 
 # ----------------------------------------------------------------------------- read
 
 def verify(ckpt: Path) -> dict:
     """The checkpoint's marker after checking every checksum; CheckpointError otherwise."""
+    ckpt = Path(ckpt)
     mpath = ckpt / MARKER
     if not mpath.is_file():
         raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MARKER} marker); it was interrupted while written")
-    try:
-        marker = json.loads(mpath.read_text())
-        files = marker["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable marker ({e})") from None
+    marker = read_json_object(mpath, "marker")
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{mpath}: field 'files' must be a non-empty object of file name -> sha256, found "
+                              f"{json_type(files)}; the marker was modified after it was written")
+    if "global_step" in marker and not is_count(marker["global_step"]):
+        raise CheckpointError(f"{mpath}: field 'global_step' must be a non-negative integer, found "
+                              f"{show(marker['global_step'])}")
     for f, digest in files.items():
+        if not plain_file_name(f):
+            raise CheckpointError(f"{mpath}: lists {f!r}, which is not a plain file name inside {ckpt}; refusing "
+                                  f"to read it (the marker was modified after it was written)")
+        if not isinstance(digest, str):
+            raise CheckpointError(f"{mpath}: the sha256 of {f} must be a string, found {show(digest)}")
         p = ckpt / f
+        if p.is_symlink():  # a checkpoint holds only the files `save` wrote, never links elsewhere
+            raise CheckpointError(f"{p}: a symbolic link, listed in {MARKER}; a checkpoint holds plain files only")
         if not p.is_file():
             raise CheckpointError(f"{p}: missing file listed in {MARKER}")
         if sha256_file(p) != digest:
@@ -135,32 +275,48 @@ def verify(ckpt: Path) -> dict:
     return marker
 
 
-def find_latest(run_or_ckpt: Path) -> Path | None:
-    """Newest valid checkpoint under a run directory (or the checkpoint directory itself)."""
+def find_latest(run_or_ckpt: Path, skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+    """Newest valid checkpoint under a run directory (or the checkpoint directory itself).
+
+    `skipped`, when given, receives (checkpoint folder, one-line reason) for each checkpoint found
+    invalid on the way, newest first: a caller can warn about them and `set_aside` those newer
+    than the one returned. Folders set aside (`step-*.corrupt*`) are never candidates.
+    """
     p = Path(run_or_ckpt)
     if (p / MARKER).exists() or p.name.startswith("step-"):
         try:
             verify(p)
             return p
-        except CheckpointError:
+        except CheckpointError as e:
+            if skipped is not None:
+                skipped.append((p, str(e)))
             return None
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if not root.is_dir():
         return None
-    candidates = sorted((c for c in root.glob("step-*") if c.is_dir()), reverse=True)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for c in candidates:
+    for c in _candidates(root):
         try:
             verify(c)
             return c
-        except CheckpointError:
-            continue  # a write that was killed: fall back to the previous one
+        except CheckpointError as e:  # e.g. a write that was killed: fall back to the previous one
+            if skipped is not None:
+                skipped.append((c, str(e)))
     return None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """The checkpoint folders of `root`, newest first, the one `latest` names before the others."""
+    candidates = sorted((c for c in root.glob("step-*") if _is_step_name(c.name) and c.is_dir()), reverse=True)
+    pointer = root / "latest"
+    if pointer.is_file():
+        try:
+            named = root / pointer.read_text().strip()
+        except (OSError, ValueError):  # an unreadable pointer only loses the ordering hint
+            return candidates
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    return candidates
 
 
 def why_no_checkpoint(run_or_ckpt: Path) -> str:
@@ -169,7 +325,8 @@ def why_no_checkpoint(run_or_ckpt: Path) -> str:
     if not p.exists():
         return f"{p}: no such run directory or checkpoint"
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    cands = sorted(c for c in root.glob("step-*") if c.is_dir()) if not (p / MARKER).exists() else [p]
+    cands = sorted(c for c in root.glob("step-*") if _is_step_name(c.name) and c.is_dir()) \
+        if not (p / MARKER).exists() else [p]
     if not cands:
         return f"{p}: holds no checkpoint (looked for {root}/step-*)"
     problems = []
@@ -185,24 +342,94 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_short(e)})") from None
+
+
+# state.json fields that resume reads besides position, optim and rng: (JSON types, in words).
+_STATE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "scheduler": ((dict,), "an object"),
+    "scaler": ((dict, type(None)), "an object or null"),
+    "history": ((list,), "a list"),
+    "world": ((int,), "a positive integer"),
+    "global_batch": ((int,), "a positive integer"),
+    "config": ((dict,), "an object"),
+    "reason": ((str,), "a string"),
+}
+_POSITION = ("epoch", "step", "global_step")
+
+
+def check_state(state: dict, path: Path) -> None:
+    """The fields of a checkpoint's state.json that resume reads, by type; one CheckpointError line
+    naming the field otherwise (`state` as read, before `optim` and `rng` are unpacked)."""
+    pos = state.get("position")
+    if not isinstance(pos, dict) or sorted(pos) != sorted(_POSITION) or not all(map(is_count, pos.values())):
+        raise CheckpointError(f"{path}: field 'position' must be an object of non-negative integers "
+                              f"{', '.join(_POSITION)}, found {show(pos, 80)}")
+    for key in ("optim", "scheduler"):
+        if key not in state:
+            raise CheckpointError(f"{path}: field {key!r} is missing; the file was not written by Phalanx or was "
+                                  f"modified after it was written")
+    for key, (types, words) in _STATE_FIELDS.items():
+        v = state.get(key)
+        bad = key in state and (not isinstance(v, types) or isinstance(v, bool) or (key in ("world", "global_batch")
+                                                                                    and v < 1))
+        if bad:
+            raise CheckpointError(f"{path}: field {key!r} must be {words}, found {show(v)}")
+    if any(not isinstance(h, dict) for h in state.get("history", [])):
+        raise CheckpointError(f"{path}: field 'history' must be a list of objects (one per evaluation)")
+
+
+def _unpack_field(state: dict, key: str, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    try:
+        return unpack(state.get(key), tensors)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: field {key!r} is malformed ({type(e).__name__}: {_short(e)}); the file "
+                              f"was modified after it was written") from None
+
+
+def _check_unpacked(optim: Any, rng: Any, path: Path) -> None:
+    groups = optim.get("param_groups") if isinstance(optim, dict) else None
+    if (not isinstance(optim, dict) or not isinstance(optim.get("state"), dict) or not isinstance(groups, list)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise CheckpointError(f"{path}: field 'optim' is not an optimizer state (an object with 'state' and "
+                              f"'param_groups', each group with 'params')")
+    if rng is None:
+        return
+    ok = isinstance(rng, dict) and all(
+        isinstance(r, dict) and "torch" in r
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in r.values()) for r in rng.values())
+    if not ok:
+        raise CheckpointError(f"{path}: field 'rng' must map each rank to its generator states ('torch' and "
+                              f"others, uint8 tensors)")
 
 
 def load(ckpt: Path) -> dict:
-    """{'model', 'optim', 'ema' (or None), 'state'} of a verified checkpoint, on the CPU."""
-    verify(ckpt)
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / 'state.json'}: unreadable ({e})") from None
-    optim = unpack(state.pop("optim"), _load_tensors(ckpt / "optim.safetensors"))
-    state["rng"] = unpack(state.get("rng"), _load_tensors(ckpt / "rng.safetensors"))
-    ema = _load_tensors(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else None
+    """{'model', 'optim', 'ema' (or None), 'state'} of a verified checkpoint, on the CPU.
+
+    Every file read is listed (and so checksummed) in COMPLETE, and state.json is checked field by
+    field: any damage or tampering is one CheckpointError line naming the file and the field.
+    """
+    ckpt = Path(ckpt)
+    listed = verify(ckpt)["files"]
+    for f in LOADED_FILES:
+        if f not in listed and (f != "ema.safetensors" or (ckpt / f).exists()):
+            raise CheckpointError(f"{ckpt / f}: not listed in {ckpt / MARKER}, so it cannot be checked; the "
+                                  f"checkpoint was not written by Phalanx or was modified after it was written")
+    spath = ckpt / "state.json"
+    state = read_json_object(spath, "checkpoint state")
+    check_state(state, spath)
+    optim = _unpack_field(state, "optim", _load_tensors(ckpt / "optim.safetensors"), spath)
+    rng = _unpack_field(state, "rng", _load_tensors(ckpt / "rng.safetensors"), spath)
+    _check_unpacked(optim, rng, spath)
+    state.pop("optim")
+    state["rng"] = rng
+    ema = _load_tensors(ckpt / "ema.safetensors") if "ema.safetensors" in listed else None
     return {"model": _load_tensors(ckpt / "model.safetensors"), "optim": optim, "ema": ema, "state": state}
 
 
-def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
-    """load_state_dict with one clear line when the weights belong to another model."""
+def check_fits(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
+    """One CheckpointError line when the weights `sd` belong to another model (names or shapes);
+    reads shapes only, so `module` may live on the meta device."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -215,4 +442,9 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path
             f"shape {shapes[0]}" if shapes else ""]))
         raise CheckpointError(f"{source}: weights do not match the model ({detail}); "
                               f"was it written by another model or width?")
+
+
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
+    """load_state_dict with one clear line when the weights belong to another model."""
+    check_fits(module, sd, source)
     module.load_state_dict(sd)

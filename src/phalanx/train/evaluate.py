@@ -51,13 +51,16 @@ def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk:
 # ----------------------------------------------------------------------------- saved weights
 
 def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.Module, dict]:
-    """Model rebuilt from `model.safetensors` + `model.json` (a run directory or the weights file)."""
+    """Model rebuilt from `model.safetensors` + `model.json` (a run directory or the weights file).
+
+    model.json is checked field by field and the model it names is first built on the meta device
+    (no memory) and compared with the weights: any content gives one CheckpointError line.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from phalanx.errors import CheckpointError
-    from phalanx.models import build_model
-    from phalanx.train.checkpoint import load_into
+    from phalanx.train.checkpoint import check_fits, load_into, read_json_object
 
     target = Path(target)
     weights = target / "model.safetensors" if target.is_dir() else target
@@ -66,15 +69,80 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
         raise CheckpointError(f"{weights}: no weights file (a finished run directory holds model.safetensors)")
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: missing; it names the model that {weights.name} belongs to")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, "model description")
+    _check_model_meta(meta, meta_path)
     try:
         sd = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a valid safetensors file ({e})") from None
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                        meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"))
+    with torch.device("meta"):  # the shapes it names, at no cost whatever its numbers say
+        check_fits(_build_from_meta(meta, meta_path), sd, weights)
+    model = _build_from_meta(meta, meta_path)
     load_into(model, sd, weights)
     return model.to(device or torch.device("cpu")).eval(), meta
+
+
+# model.json: field -> (check, what it must be); width, norm and act may be absent (older files).
+_SIZE_LIMIT = 1 << 20
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _SIZE_LIMIT
+
+
+def _is_numbers(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)
+
+
+_MODEL_FIELDS = {
+    "model": (lambda v: isinstance(v, str), "a model name"),
+    "num_classes": (_is_size, f"an integer from 1 to {_SIZE_LIMIT}"),
+    "in_channels": (lambda v: _is_size(v) and v in (1, 3), "1 or 3"),
+    "image_size": (_is_size, f"an integer from 1 to {_SIZE_LIMIT}"),
+}
+_MODEL_OPTIONAL = {
+    "width": (_is_size, f"an integer from 1 to {_SIZE_LIMIT}"),
+    "norm": (lambda v: v in ("batch", "group", "none"), "one of batch, group, none"),
+    "act": (lambda v: v in ("relu", "gelu", "silu"), "one of relu, gelu, silu"),
+}
+
+
+def _check_model_meta(meta: dict, path: Path) -> None:
+    """One CheckpointError line naming the first field of model.json that load and predict cannot use."""
+    from phalanx.errors import CheckpointError
+    from phalanx.models import MODELS
+    from phalanx.train.checkpoint import show
+
+    for key, (_, words) in _MODEL_FIELDS.items():
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} is missing; it should be {words}")
+    for key, (ok, words) in (*_MODEL_FIELDS.items(), *_MODEL_OPTIONAL.items()):
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: field {key!r} must be {words}, found {show(meta[key])}")
+    if meta["model"] not in MODELS:
+        raise CheckpointError(f"{path}: names model {show(meta['model'])}, which this version of Phalanx does not "
+                              f"have (phalanx models lists them)")
+    c, n = meta["in_channels"], meta["num_classes"]
+    for key in ("mean", "std"):
+        if not _is_numbers(meta.get(key), c):
+            raise CheckpointError(f"{path}: field {key!r} must be a list of {c} numbers (one per channel), found "
+                                  f"{show(meta.get(key))}")
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and len(classes) == n and all(isinstance(x, str) for x in classes)):
+        raise CheckpointError(f"{path}: field 'classes' must be a list of {n} class names (num_classes), found "
+                              f"{show(classes)}")
+
+
+def _build_from_meta(meta: dict, path: Path) -> nn.Module:
+    from phalanx.errors import CheckpointError
+    from phalanx.models import build_model
+    try:
+        return build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                           meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"))
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: cannot build the model it describes ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 def eval_main(cfg, target: Path) -> dict:

@@ -20,7 +20,7 @@ from phalanx.data.sources import open_on_node
 from phalanx.errors import CheckpointError, ConfigError
 from phalanx.models import build_model
 from phalanx.observe.console import MetricsWriter, setup_logging
-from phalanx.parallel.collectives import broadcast_object
+from phalanx.parallel.collectives import barrier, broadcast_object
 from phalanx.parallel.strategy import build_strategy
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
@@ -125,9 +125,10 @@ def resume(run: Run) -> None:
         if found is None:  # asked for explicitly: never silently start from scratch
             raise CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
     else:
-        found = ckpt.find_latest(run.run_dir)
-        root = run.run_dir / "checkpoints"
-        if found is None and root.is_dir() and any(root.glob("step-*")):
+        skipped: list = []
+        found = ckpt.find_latest(run.run_dir, skipped)
+        set_aside_newer(run, found, skipped)
+        if found is None and skipped:
             log.warning(ckpt.why_no_checkpoint(run.run_dir) + "; starting from scratch")
     if found is None:
         return
@@ -145,6 +146,19 @@ def resume(run: Run) -> None:
     if pos.global_step >= run.total_steps or pos.epoch >= cfg.epochs:
         log.info(f"{found} is the end of this run ({pos.global_step} steps): nothing left to train; "
                  f"re-exporting its weights (raise --epochs, or use another --run_dir, to train more)")
+
+
+def set_aside_newer(run: Run, found: Path | None, skipped: list) -> None:
+    """Checkpoints newer than the one resumed from are corrupt: one warning line each, and rank 0 renames
+    them to `<name>.corrupt` (kept for inspection; the next save of that step would otherwise replace it).
+    Every rank has looked before rank 0 renames anything (first barrier), and waits for it (second)."""
+    newer = [(bad, why) for bad, why in skipped if found is None or bad.name > found.name]
+    barrier()
+    for bad, why in newer:
+        kept = ckpt.set_aside(bad).name if run.env.is_main else f"{bad.name}{ckpt.CORRUPT}"
+        run.log.warning(f"{why}; resuming from {found.name if found else 'scratch'}, the corrupt checkpoint is "
+                        f"kept as {kept}")
+    barrier()
 
 
 def setup(cfg: C.Config, env: DistEnv) -> Run:

@@ -236,3 +236,73 @@ def test_jpeg_with_exif_takes_the_pil_path(tmp_path):
     assert jpeg_header((tmp_path / "r.jpg").read_bytes()) == (64, 96, True)
     assert jpeg_header((tmp_path / "n.jpg").read_bytes()) == (64, 96, False)
     assert decode_chw(tmp_path / "r.jpg", 16, 3).shape == (3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- decompression bombs
+
+def png_declaring(w: int, h: int) -> bytes:
+    """A tiny PNG (one IDAT of a few compressed rows) whose header declares w x h gray pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = zlib.compress(b"\x00" * (w + 1) * 4)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    import phalanx.data.imageio as io_mod
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(30000, 30000))
+    assert path.stat().st_size < 2000
+
+    def never(*a, **kw):
+        raise AssertionError("the decoder was called")
+
+    monkeypatch.setattr(io_mod, "_decode_torchvision", never)
+    monkeypatch.setattr(io_mod, "_decode_pil", never)
+    for decode in (lambda: decode_rgb(path), lambda: decode_chw(path, 32, 3), lambda: decode_to_uint8(path, 0, 1),
+                   lambda: decode_chw(path.read_bytes(), 32, 1)):
+        with pytest.raises(DecodeError) as e:
+            decode()
+        msg = str(e.value)
+        assert "\n" not in msg and "declares 30000x30000 pixels, more than the limit of 178,956,970" in msg
+    assert str(path) in str(pytest.raises(DecodeError, decode_chw, path, 32, 3).value)
+    with pytest.raises(DecodeError, match="exceeds limit"):  # the header check `data prepare` applies: the same limit
+        probe(path)
+
+
+def test_the_limit_follows_pil_and_allows_images_up_to_it(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from phalanx.data.imageio import check_pixels, max_pixels
+    assert max_pixels() == 2 * PILImage.MAX_IMAGE_PIXELS
+    limit = max_pixels()
+    check_pixels("ok.png", (1, limit))  # up to the limit: decoded as before
+    with pytest.raises(DecodeError):
+        check_pixels("big.png", (1, limit + 1))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 50)
+    with pytest.raises(DecodeError, match="declares 11x10 pixels, more than the limit of 100"):
+        check_pixels("x.png", (10, 11))
+    check_pixels("x.png", (10, 10))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", None)
+    check_pixels("x.png", (10**6, 10**6))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP", "JPEG"])
+def test_declared_size_reads_the_header_of_each_format(tmp_path, fmt):
+    from phalanx.data.imageio import declared_size, sniff
+    img = rgb(37, 53)
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    path = tmp_path / f"x.{fmt.lower()}"
+    img.save(path, fmt, **kw)
+    data = path.read_bytes()
+    assert declared_size(data, sniff(data[:16])) == (37, 53)
+    if fmt == "WEBP":
+        img.save(path, fmt, quality=80)  # lossy: the VP8 chunk
+        data = path.read_bytes()
+        assert declared_size(data, sniff(data[:16])) == (37, 53)
