@@ -123,8 +123,10 @@ def _wait_for_step(run_dir: Path, proc, timeout=120):
 
 @pytest.mark.parametrize("launcher,sig", [("single", signal.SIGTERM),
                                           pytest.param("single", signal.SIGUSR1, marks=pytest.mark.slow),
-                                          ("phalanx", signal.SIGTERM),
-                                          pytest.param("torchrun", signal.SIGTERM, marks=pytest.mark.slow)])
+                                          # slow: the ranks outlive their checkpoint until the agent kills
+                                          # them 30 s later (issue 17); torchrun's path covers 2 ranks here
+                                          pytest.param("phalanx", signal.SIGTERM, marks=pytest.mark.slow),
+                                          ("torchrun", signal.SIGTERM)])
 def test_preemption_signal_checkpoints_and_exits_cleanly(cache_dir, small_idx, tmp_path, launcher, sig):
     run_dir = tmp_path / "run"
     args = cmd(small_idx, run_dir, 1 if launcher == "single" else 2, "--epochs", "40")
