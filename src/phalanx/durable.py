@@ -1,9 +1,11 @@
-"""Durable files: checksums and fsync, shared by prepared stores and checkpoints (both atomic writers)."""
+"""Durable files: checksums, fsync, and what their metadata may say (plain file names, JSON field types),
+shared by prepared stores and checkpoints (both atomic writers)."""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -34,3 +36,19 @@ def plain_file_name(name) -> bool:
     except UnicodeError:  # a lone surrogate: no file can have this name
         return False
     return True
+
+
+def json_type(value: Any) -> str:
+    """What a JSON value is, in words, for messages: 'an object', 'a list', 'null', ..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, words in ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
+                        (float, "a number")):
+        if isinstance(value, kind):
+            return words
+    return "null" if value is None else type(value).__name__
+
+
+def is_count(value: Any) -> bool:
+    """A non-negative JSON integer (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phalanx.durable import fsync_path, plain_file_name, sha256_file
+from phalanx.durable import fsync_path, is_count, json_type, plain_file_name, sha256_file
 from phalanx.errors import DataError
 
 FORMAT = "phalanx-store"
@@ -107,40 +107,26 @@ def is_store(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def _json_type(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    for kind, words in ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
-                        (float, "a number")):
-        if isinstance(value, kind):
-            return words
-    return "null"
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 KINDS = ("images", "labels")
 
 
 def _check_split(mpath: Path, name: str, info) -> None:
     where = f"{mpath}: split {name!r}"
     if not isinstance(info, dict):
-        raise DataError(f"{where} must be an object, found {_json_type(info)}")
+        raise DataError(f"{where} must be an object, found {json_type(info)}")
     for kind in KINDS:
         f = info.get(kind)
         if not plain_file_name(f):
             raise DataError(f"{where}: field {kind!r} must be a plain file name inside {mpath.parent}, found "
                             f"{f!r}; refusing to read it (prepare the store again)")
-    if not _is_count(info.get("count")):
+    if not is_count(info.get("count")):
         raise DataError(f"{where}: field 'count' must be a non-negative integer, found "
-                        f"{_json_type(info.get('count'))}")
+                        f"{json_type(info.get('count'))}")
     sha = info.get("sha256")
     if "sha256" in info and not (isinstance(sha, dict) and all(isinstance(sha.get(k), str) for k in KINDS)):
         raise DataError(f"{where}: field 'sha256' must be an object with 'images' and 'labels' strings")
     cc = info.get("class_counts")
-    if "class_counts" in info and not (isinstance(cc, list) and all(map(_is_count, cc))):
+    if "class_counts" in info and not (isinstance(cc, list) and all(map(is_count, cc))):
         raise DataError(f"{where}: field 'class_counts' must be a list of non-negative integers (one per class)")
 
 
@@ -148,19 +134,19 @@ def check_manifest(manifest, mpath: Path) -> None:
     """The fields of a store manifest that Phalanx reads, by type; one DataError line naming the
     manifest and the field otherwise. File names must be plain names inside the store folder."""
     if not isinstance(manifest, dict):
-        raise DataError(f"{mpath}: a manifest must be a JSON object, found {_json_type(manifest)}")
+        raise DataError(f"{mpath}: a manifest must be a JSON object, found {json_type(manifest)}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
     classes, shape, splits = manifest.get("classes"), manifest.get("shape"), manifest.get("splits")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise DataError(f"{mpath}: field 'classes' must be a non-empty list of class names, found "
-                        f"{_json_type(classes)}")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_count(x) and x > 0 for x in shape)
+                        f"{json_type(classes)}")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_count(x) and x > 0 for x in shape)
             and shape[2] in (1, 3)):
         raise DataError(f"{mpath}: field 'shape' must be [height, width, channels] (positive integers, 1 or 3 "
                         f"channels), found {shape!r:.60}")
     if not isinstance(splits, dict):
-        raise DataError(f"{mpath}: field 'splits' must be an object (split name -> files), found {_json_type(splits)}")
+        raise DataError(f"{mpath}: field 'splits' must be an object (split name -> files), found {json_type(splits)}")
     for name, info in splits.items():
         _check_split(mpath, name, info)
     for key in ("mean", "std"):
@@ -168,7 +154,7 @@ def check_manifest(manifest, mpath: Path) -> None:
         if (key in manifest or splits) and not (isinstance(v, list) and len(v) == shape[2] and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)):
             raise DataError(f"{mpath}: field {key!r} must be a list of {shape[2]} numbers (one per channel), found "
-                            f"{_json_type(v)}")
+                            f"{json_type(v)}")
     _check_descriptive(manifest, mpath)
 
 
@@ -177,7 +163,7 @@ def _check_descriptive(manifest: dict, mpath: Path) -> None:
     for key, kind, words in (("options", dict, "an object"), ("skipped", list, "a list"), ("source", str, "a string"),
                              ("created", str, "a string")):
         if key in manifest and not isinstance(manifest[key], kind):
-            raise DataError(f"{mpath}: field {key!r} must be {words}, found {_json_type(manifest[key])}")
+            raise DataError(f"{mpath}: field {key!r} must be {words}, found {json_type(manifest[key])}")
     if not all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("reason"), str)
                for e in manifest.get("skipped", [])):
         raise DataError(f"{mpath}: field 'skipped' must be a list of {{\"path\", \"reason\"}} objects")

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phalanx import faults
-from phalanx.durable import fsync_path, plain_file_name, sha256_file
+from phalanx.durable import fsync_path, is_count, json_type, plain_file_name, sha256_file
 from phalanx.errors import CheckpointError
 
 MARKER = "COMPLETE"
@@ -74,17 +74,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 # ----------------------------------------------------------------------------- JSON checks (one line each)
 
-def json_type(value: Any) -> str:
-    """What a JSON value is, in words, for messages: 'an object', 'a list', 'null', ..."""
-    if isinstance(value, bool):
-        return "a boolean"
-    for kind, words in ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
-                        (float, "a number")):
-        if isinstance(value, kind):
-            return words
-    return "null" if value is None else type(value).__name__
-
-
 def show(value: Any, width: int = 40) -> str:
     """A JSON value as it is written, cut to `width` characters: safe in a one-line message."""
     try:
@@ -109,11 +98,6 @@ def read_json_object(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path}: the {what} must be a JSON object, found {json_type(obj)}; the file is "
                               f"damaged or was not written by Phalanx")
     return obj
-
-
-def is_count(value: Any) -> bool:
-    """A non-negative JSON integer (not a boolean)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ----------------------------------------------------------------------------- write
