@@ -3,6 +3,7 @@ shared by prepared stores and checkpoints (both atomic writers)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,18 @@ def json_type(value: Any) -> str:
 def is_count(value: Any) -> bool:
     """A non-negative JSON integer (not a boolean)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_numbers(value: Any, n: int) -> bool:
+    """A JSON list of `n` finite numbers (not booleans): a mean or std, one per channel."""
+    return isinstance(value, list) and len(value) == n and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in value)
+
+
+def read_json(path: Path, error: type[Exception], what: str) -> Any:
+    """The JSON value in `path`; `error` naming the file and what it is when it cannot be read or parsed."""
+    from phalanx.errors import first_line
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise error(f"{path}: unreadable {what} ({first_line(e)})") from None

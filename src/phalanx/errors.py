@@ -24,3 +24,9 @@ class DecodeError(DataError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and the problem."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): fits in a one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -206,12 +206,18 @@ def _webp_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def too_many_pixels(size: tuple[int, int] | None) -> bool:
+    """Whether a declared (height, width) is over `max_pixels()` (False when unknown or unlimited)."""
+    limit = max_pixels()
+    return size is not None and limit is not None and size[0] * size[1] > limit
+
+
 def check_pixels(name: str, size: tuple[int, int] | None) -> None:
     """DecodeError when a header declares more pixels than `max_pixels()`: refused before decoding,
     so a small file cannot make a decoder allocate gigabytes (a decompression bomb)."""
-    limit = max_pixels()
-    if size is None or limit is None or size[0] * size[1] <= limit:
+    if not too_many_pixels(size):
         return
+    limit = max_pixels()
     raise DecodeError(name, f"declares {size[1]}x{size[0]} pixels, more than the limit of {limit:,d} (PIL's "
                             f"decompression-bomb limit); shrink the image or leave it out")
 

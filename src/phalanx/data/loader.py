@@ -51,6 +51,7 @@ class SplitOnDevice:
 
     def __init__(self, split: Split, device: torch.device, resident: bool):
         self.split, self.device = split, device
+        self.accel = runtime.of(device)
         self.images = self.labels = None
         if resident:
             self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
@@ -64,21 +65,19 @@ class SplitOnDevice:
         x = torch.from_numpy(np.take(self.split.images, ids, axis=0))
         y = torch.from_numpy(np.take(self.split.labels, ids, axis=0))
         if pin:
-            accel = runtime.of(self.device)
-            x, y = accel.pin(x), accel.pin(y)
+            x, y = self.accel.pin(x), self.accel.pin(y)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class TrainLoader:
     def __init__(self, split: Split, sampler: GlobalSampler, augment: AugmentConfig, normalize: Normalize,
                  device: torch.device, seed: int, prefetch: bool = True, resident: bool | None = None):
-        accel = runtime.of(device)
         if resident is None:  # keep small datasets on the GPU: no per-step host-to-device copy at all
             resident = device.type != "cpu" and split.images.nbytes < 2 << 30
         self.source = SplitOnDevice(split, device, resident)
         self.sampler, self.augment, self.normalize = sampler, augment, normalize
         self.device, self.seed = device, seed
-        self.prefetch = prefetch and accel.overlaps_copies and not resident
+        self.prefetch = prefetch and self.source.accel.overlaps_copies and not resident
         self.h, self.w = split.images.shape[1:3]
 
     def __len__(self) -> int:
@@ -108,7 +107,7 @@ class TrainLoader:
 
         def work():
             try:
-                with runtime.of(self.device).side_stream(self.device) as copies:
+                with self.source.accel.side_stream(self.device) as copies:
                     for item in self._raw(epoch, start_step):
                         if not put((item, copies, copies.mark())):
                             return

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phalanx.durable import fsync_path, is_count, json_type, plain_file_name, sha256_file
+from phalanx.durable import fsync_path, is_count, is_numbers, json_type, plain_file_name, read_json, sha256_file
 from phalanx.errors import DataError
 
 FORMAT = "phalanx-store"
@@ -151,8 +151,7 @@ def check_manifest(manifest, mpath: Path) -> None:
         _check_split(mpath, name, info)
     for key in ("mean", "std"):
         v = manifest.get(key)
-        if (key in manifest or splits) and not (isinstance(v, list) and len(v) == shape[2] and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)):
+        if (key in manifest or splits) and not is_numbers(v, shape[2]):
             raise DataError(f"{mpath}: field {key!r} must be a list of {shape[2]} numbers (one per channel), found "
                             f"{json_type(v)}")
     _check_descriptive(manifest, mpath)
@@ -184,11 +183,7 @@ def read_manifest(path: str | Path) -> dict:
     if not mpath.is_file():
         raise DataError(f"{path}: not a prepared store (no {MANIFEST}); an interrupted prepare leaves none, "
                         f"run `phalanx data prepare` again")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-        lines = str(e).strip().splitlines()
-        raise DataError(f"{mpath}: unreadable manifest ({lines[0] if lines else type(e).__name__})") from None
+    manifest = read_json(mpath, DataError, "manifest")
     check_manifest(manifest, mpath)
     return manifest
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from phalanx import runtime
 from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize
-from phalanx.data.imageio import declared_size, decode_chw, fit, max_pixels, read_encoded, sniff
+from phalanx.data.imageio import declared_size, decode_chw, fit, read_encoded, sniff, too_many_pixels
 from phalanx.data.loader import Batch, augmented
 from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
 from phalanx.data.sampler import GlobalSampler
@@ -100,12 +100,12 @@ def pass_batch(batch):
     return batch
 
 
-def loader_kw(workers: int, pin: bool = False, prefetch_factor: int = 2) -> dict:
-    """DataLoader arguments for `workers` processes: persistent, each prefetching `prefetch_factor`
-    batches; pinned batches when `pin` (bound for a CUDA device)."""
+def loader_kw(workers: int, pin: bool = False, prefetch_factor: int = 2, persistent: bool = True) -> dict:
+    """DataLoader arguments for `workers` processes, each prefetching `prefetch_factor` batches, kept
+    between epochs when `persistent`; pinned batches when `pin` (bound for a CUDA device)."""
     kw = dict(num_workers=workers, pin_memory=pin)
     if workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kw.update(persistent_workers=persistent, prefetch_factor=prefetch_factor)
     return kw
 
 
@@ -184,7 +184,8 @@ def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels:
         raise RuntimeError("decode_jpeg_batch_cuda needs a CUDA device; use ImageFolderStream on the CPU")
     out = torch.empty((len(encoded), channels, size, size), dtype=torch.uint8, device=device)
     # A JPEG declaring more than max_pixels() goes to the CPU decoder, which refuses it before decoding.
-    jpeg = [i for i, d in enumerate(encoded) if sniff(d[:4].numpy().tobytes()) == "jpeg" and _within_limit(d)]
+    jpeg = [i for i, d in enumerate(encoded) if sniff(d[:4].numpy().tobytes()) == "jpeg"
+            and not too_many_pixels(declared_size(memoryview(d.numpy()), "jpeg"))]
     done = set()
     if jpeg:
         try:
@@ -204,11 +205,6 @@ def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels:
         if i not in done:  # CPU decoder (raises DataError naming the problem when unreadable)
             out[i].copy_(decode_chw(data, size, channels), non_blocking=True)
     return out
-
-
-def _within_limit(jpeg: torch.Tensor) -> bool:
-    limit, size = max_pixels(), declared_size(memoryview(jpeg.numpy()), "jpeg")
-    return limit is None or size is None or size[0] * size[1] <= limit
 
 
 class CudaJpegLoader:
@@ -277,7 +273,8 @@ def sample_stats(dataset: ImageFolderStream, workers: int, sample: int = STATS_S
     n = len(dataset)
     idx = list(range(n)) if n <= sample else np.linspace(0, n - 1, sample).round().astype(int).tolist()
     order = [idx[i:i + 64] for i in range(0, len(idx), 64)]
-    loader = DataLoader(dataset, batch_sampler=order, collate_fn=pass_batch, **loader_kw(workers))
+    loader = DataLoader(dataset, batch_sampler=order, collate_fn=pass_batch,
+                        **loader_kw(workers, persistent=False))  # one pass: workers end with it
     try:
         x = torch.cat([b for b, _ in loader])
     except DataError as e:

@@ -18,6 +18,8 @@ import torch.nn as nn
 
 class Strategy(Protocol):
     name: str
+    plain: nn.Module
+    """The model itself (set by `wrap`), whose state_dict has no wrapper prefixes."""
 
     def wrap(self, model: nn.Module) -> nn.Module: ...
 

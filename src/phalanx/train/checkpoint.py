@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phalanx import faults
-from phalanx.durable import fsync_path, is_count, json_type, plain_file_name, sha256_file
-from phalanx.errors import CheckpointError
+from phalanx.durable import fsync_path, is_count, json_type, plain_file_name, read_json, sha256_file
+from phalanx.errors import CheckpointError, first_line
 
 MARKER = "COMPLETE"
 CORRUPT = ".corrupt"   # suffix of a checkpoint folder set aside by `set_aside`
@@ -83,17 +83,9 @@ def show(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _short(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def read_json_object(path: Path, what: str) -> dict:
     """A JSON file that must hold an object; CheckpointError naming the file otherwise."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-        raise CheckpointError(f"{path}: unreadable {what} ({_short(e)})") from None
+    obj = read_json(path, CheckpointError, what)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: the {what} must be a JSON object, found {json_type(obj)}; the file is "
                               f"damaged or was not written by Phalanx")
@@ -130,7 +122,7 @@ def _write_error(ckpt_root: Path, e: OSError | SafetensorError) -> CheckpointErr
     if code is None:  # SafetensorError: "Error while serializing: I/O error: ... (os error 28)"
         m = re.search(r"\((?:os error|code:) (\d+)", str(e))
         code = int(m.group(1)) if m else None
-    why = (e.strerror if isinstance(e, OSError) else None) or (os.strerror(code) if code else _short(e))
+    why = (e.strerror if isinstance(e, OSError) else None) or (os.strerror(code) if code else first_line(e))
     if code in (errno.ENOSPC, errno.EDQUOT):
         return CheckpointError(f"{ckpt_root}: cannot write the checkpoint ({why}); free space or set --ckpt.keep lower")
     return CheckpointError(f"{ckpt_root}: cannot write the checkpoint ({why}); check that the run directory is "
@@ -222,7 +214,7 @@ def set_aside(ckpt: Path) -> Path:
         os.rename(ckpt, target)
     except OSError as e:
         raise CheckpointError(f"{ckpt}: cannot set the corrupt checkpoint aside as {target.name} "
-                              f"({e.strerror or _short(e)})") from None
+                              f"({e.strerror or first_line(e)})") from None
     fsync_path(ckpt.parent)
     return target
 
@@ -326,7 +318,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_short(e)})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
 
 
 # state.json fields that resume reads besides position, optim and rng: (JSON types, in words).
@@ -367,7 +359,7 @@ def _unpack_field(state: dict, key: str, tensors: dict[str, torch.Tensor], path:
     try:
         return unpack(state.get(key), tensors)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: field {key!r} is malformed ({type(e).__name__}: {_short(e)}); the file "
+        raise CheckpointError(f"{path}: field {key!r} is malformed ({type(e).__name__}: {first_line(e)}); the file "
                               f"was modified after it was written") from None
 
 

@@ -90,11 +90,6 @@ def _is_size(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _SIZE_LIMIT
 
 
-def _is_numbers(v, n: int) -> bool:
-    return isinstance(v, list) and len(v) == n and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)
-
-
 _MODEL_FIELDS = {
     "model": (lambda v: isinstance(v, str), "a model name"),
     "num_classes": (_is_size, f"an integer from 1 to {_SIZE_LIMIT}"),
@@ -110,6 +105,7 @@ _MODEL_OPTIONAL = {
 
 def _check_model_meta(meta: dict, path: Path) -> None:
     """One CheckpointError line naming the first field of model.json that load and predict cannot use."""
+    from phalanx.durable import is_numbers
     from phalanx.errors import CheckpointError
     from phalanx.models import MODELS
     from phalanx.train.checkpoint import show
@@ -125,7 +121,7 @@ def _check_model_meta(meta: dict, path: Path) -> None:
                               f"have (phalanx models lists them)")
     c, n = meta["in_channels"], meta["num_classes"]
     for key in ("mean", "std"):
-        if not _is_numbers(meta.get(key), c):
+        if not is_numbers(meta.get(key), c):
             raise CheckpointError(f"{path}: field {key!r} must be a list of {c} numbers (one per channel), found "
                                   f"{show(meta.get(key))}")
     classes = meta.get("classes")
@@ -135,14 +131,14 @@ def _check_model_meta(meta: dict, path: Path) -> None:
 
 
 def _build_from_meta(meta: dict, path: Path) -> nn.Module:
-    from phalanx.errors import CheckpointError
+    from phalanx.errors import CheckpointError, first_line
     from phalanx.models import build_model
     try:
         return build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
                            meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"))
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: cannot build the model it describes ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                              f"{first_line(e)})") from None
 
 
 def eval_main(cfg, target: Path) -> dict:

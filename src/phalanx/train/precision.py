@@ -4,8 +4,6 @@ The loop calls `backward`, `step` and `unscale_` and never asks whether a scaler
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from phalanx.runtime import Accelerator
@@ -27,7 +25,7 @@ class Precision:
 
     def autocast(self):
         """The forward pass's context (nothing for fp32)."""
-        return self.accel.autocast(self.dtype) if self.dtype is not None else contextlib.nullcontext()
+        return self.accel.autocast(self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -108,11 +108,10 @@ def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_
         net.whiten_stem(normalize(evenly_spaced(train_split, 512 if cfg.data.stream else 2048).to(env.device)))
     strategy = build_strategy(cfg, env)
     model = strategy.wrap(net)
-    plain = strategy.plain
-    optimizer = build_optimizer(plain, cfg.optim)
-    ema = (AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    optimizer = build_optimizer(strategy.plain, cfg.optim)
+    ema = (AveragedModel(strategy.plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema > 0 else None)
-    return TrainState(model=model, plain=plain, strategy=strategy, optimizer=optimizer,
+    return TrainState(model=model, strategy=strategy, optimizer=optimizer,
                       scheduler=build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch),
                       precision=Precision.from_config(cfg.precision, env.accel), ema=ema, accel=env.accel)
 

@@ -26,7 +26,6 @@ class Position:
 @dataclass
 class TrainState:
     model: nn.Module                    # the module the loop trains (DDP / compiled wrappers)
-    plain: nn.Module                    # the model itself: its state_dict has no wrapper prefixes
     strategy: Strategy
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -35,6 +34,11 @@ class TrainState:
     accel: Accelerator
     position: Position = field(default_factory=Position)
     history: list[dict] = field(default_factory=list)   # every evaluation so far
+
+    @property
+    def plain(self) -> nn.Module:
+        """The model itself, under the strategy's wrappers: its state_dict has no prefixes."""
+        return self.strategy.plain
 
     @property
     def eval_model(self) -> nn.Module:

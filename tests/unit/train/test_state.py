@@ -22,7 +22,7 @@ def make_state(ema: float = 0.9) -> TrainState:
     strategy = DDPStrategy(cfg, DistEnv())  # one process: no DDP wrapper
     model = strategy.wrap(build_model("phalanx_cnn", 10, 1, 28, 8, "batch", "relu"))
     opt = build_optimizer(strategy.plain, cfg.optim)
-    return TrainState(model=model, plain=strategy.plain, strategy=strategy, optimizer=opt,
+    return TrainState(model=model, strategy=strategy, optimizer=opt,
                       scheduler=build_scheduler(opt, cfg.sched, 20, 10),
                       precision=Precision.from_config("fp32", CPUAccelerator()),
                       ema=AveragedModel(strategy.plain, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
