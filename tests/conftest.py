@@ -59,3 +59,19 @@ def make_idx_dataset(folder: Path, n_train: int, n_test: int, seed: int = 0, siz
 def small_idx(tmp_path_factory) -> Path:
     """600 train / 1001 test images: 1001 is divisible by none of 2, 3 (or by the eval chunk)."""
     return make_idx_dataset(tmp_path_factory.mktemp("small-idx"), 600, 1001)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished run directory in a few seconds: 8 steps of a width-8 house CNN on 256 generated images
+    (64 test images), trained in this process; its config names the cache holding its prepared store."""
+    from phalanx.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = make_idx_dataset(root / "idx", 256, 64)
+    run_dir = root / "run"
+    code = main(["train", "--data", str(data), "--data.cache_dir", str(root / "cache"), "--nproc", "1",
+                 "--epochs", "1", "--max_steps", "8", "--global_batch", "32", "--model.width", "8", "--ema", "0",
+                 "--optim.lr", "0.4", "--progress", "false", "--ckpt.at_epoch_end", "false", "--run_dir", str(run_dir)])
+    assert code == 0 and (run_dir / "model.safetensors").is_file()
+    return run_dir

@@ -2,14 +2,16 @@
 
     phalanx train [--recipe R] [--KEY=VALUE ...]      train (in-process, or N ranks via the elastic launcher)
     phalanx eval RUN_DIR|WEIGHTS [--KEY=VALUE ...]    evaluate saved weights on a test split
-    phalanx predict WEIGHTS IMAGE...                  classify image files
+    phalanx predict RUN_DIR|WEIGHTS IMAGE|FOLDER...   classify image files: top-k table, CSV or JSON
+    phalanx export RUN_DIR --format torchscript|onnx|safetensors   a deployable model, checked
     phalanx data prepare SRC OUT [--size N] ...       build a prepared store
     phalanx models                                    list the model registry
     phalanx bench scaling|flops [...]                 throughput benchmarks
+    phalanx doctor [--json] [--backend gloo|nccl]     check this machine before a long run
+    phalanx report RUN_DIR [RUN_DIR ...] [--out DIR]  plots and one HTML page of runs (several: compared)
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -88,6 +90,15 @@ def cmd_train(argv: list[str]) -> int:
         from phalanx.data.sources import store_path_for
         store_path_for(cfg.data.path, cfg.data.cache_dir, auto_install=False, size=cfg.data.size,
                        channels=cfg.data.channels)  # DataError before any run dir
+    from phalanx.runtime import dist as penv
+    from phalanx.train.setup import check_data, check_run_dir
+    check_run_dir(cfg)  # a file or a read-only folder where the run directory goes: ConfigError, exit 2
+    if not penv.is_worker() and not cfg.data.stream:
+        # Prepared here, once, before any rank starts (ranks then map it): data a run cannot use (one
+        # class, no test split, fewer images than the global batch) is one line, not one per rank.
+        from phalanx.data.sources import open_on_node
+        check_data(cfg, open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
+                                     cfg.data.channels))
     return _run_or_launch("train", cfg, argv)
 
 
@@ -141,17 +152,102 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
+PREDICT_HELP = """usage: phalanx predict RUN_DIR|WEIGHTS IMAGE|FOLDER... [--top 3] [--format table|csv|json] [--batch 64]
+
+Classify image files (PNG, JPEG, ...) with saved weights, preprocessed as the training data was
+(size, channels, normalisation). Folders are searched recursively for image files.
+  --top K          the K most probable classes of each image (default 3)
+  --format F       table (default), csv (one row per image: file,top1,p1,...) or json (one object per line)
+  --batch N        images per forward pass (default 64)"""
+
+
+def _int_option(opts: dict, key: str, default: int) -> int:
+    raw = opts.pop(key, str(default))
+    if not raw.isdigit() or int(raw) < 1:
+        from phalanx.errors import ConfigError
+        raise ConfigError(f"--{key} {raw}: must be a whole number >= 1")
+    return int(raw)
+
+
+def _choice_option(opts: dict, key: str, choices: tuple[str, ...]) -> str:
+    raw = opts.pop(key, choices[0])
+    if raw not in choices:
+        from phalanx.errors import ConfigError
+        raise ConfigError(f"--{key} {raw}: choose one of {', '.join(choices)}")
+    return raw
+
+
+def _no_other_options(opts: dict, command: str) -> None:
+    if opts:
+        from phalanx.errors import ConfigError
+        raise ConfigError(f"unknown option --{next(iter(opts))} for `phalanx {command}` (phalanx {command} --help)")
+
+
 def cmd_predict(argv: list[str]) -> int:
     pos, pairs, _, want_help = _split_args(argv)
     if want_help or len(pos) < 2:
-        print("usage: phalanx predict RUN_DIR|WEIGHTS IMAGE [IMAGE...] [--top 3]\n\n"
-              "Classify image files (PNG, JPEG, ...) with saved weights; prints one JSON line per image.")
+        print(PREDICT_HELP)
         return 0 if want_help else 2
-    from phalanx.train.evaluate import predict_files
-    top = int(dict(pairs).get("top", 3))
-    for row in predict_files(Path(pos[0]), [Path(p) for p in pos[1:]], top):
-        print(json.dumps(row))
+    from phalanx.observe.console import prediction_writer
+    from phalanx.train.evaluate import list_images, load_weights, predict_files
+    opts = dict(pairs)
+    top, batch = _int_option(opts, "top", 3), _int_option(opts, "batch", 64)
+    fmt = _choice_option(opts, "format", ("table", "csv", "json"))
+    _no_other_options(opts, "predict")
+    files = list_images([Path(p) for p in pos[1:]])
+    model, meta = load_weights(Path(pos[0]))
+    write = prediction_writer(fmt, min(top, meta["num_classes"]), files, meta["classes"])
+    for row in predict_files(model, meta, files, top, batch):
+        write(row)
     return 0
+
+
+EXPORT_HELP = """usage: phalanx export RUN_DIR|WEIGHTS [IMAGE|FOLDER...] --format torchscript|onnx|safetensors [--out PATH]
+                      [--input uint8|float]
+
+Write the run's final model with its input normalisation built in: it takes uint8 (0..255) or float
+(0..1) images (N, C, H, W) and returns logits. The export is then run on real test images (those
+named, else the test split of the run's prepared store) and compared with the PyTorch model; the
+largest logit difference is printed and must be within 1e-4 x the largest |logit| (at least 1e-4).
+  --format F     torchscript (torch.jit.load), onnx (onnxruntime; pip install phalanx[export]),
+                 or safetensors (state_dict + metadata; phalanx.export.load_safetensors_export)
+  --out PATH     default RUN_DIR/export/model.pt|.onnx|.safetensors
+  --input T      the input type of an ONNX graph, which has exactly one: uint8 (default) or float"""
+
+
+def cmd_export(argv: list[str]) -> int:
+    pos, pairs, _, want_help = _split_args(argv)
+    if want_help or not pos:
+        print(EXPORT_HELP)
+        return 0 if want_help else 2
+    from phalanx import export as X
+    opts = dict(pairs)
+    if "format" not in opts:
+        return _fail(f"--format is required: one of {', '.join(X.FORMATS)}")
+    fmt = _choice_option(opts, "format", X.FORMATS)
+    input_dtype = _choice_option(opts, "input", ("uint8", "float"))
+    out = opts.pop("out", None)
+    _no_other_options(opts, "export")
+    target = Path(pos[0])
+    if not target.exists():
+        return _fail(f"{target}: no such run directory or weights file")
+    try:
+        path, check = X.export(target, fmt, Path(out) if out else None, [Path(p) for p in pos[1:]], input_dtype)
+    except X.ExportError as e:
+        print(f"phalanx: error: {e}", file=sys.stderr)
+        return 1
+    print(X.describe(path, fmt, check), flush=True)
+    return 0
+
+
+def cmd_doctor(argv: list[str]) -> int:
+    from phalanx import doctor
+    return doctor.cli(argv)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from phalanx.observe import report
+    return report.cli(argv)
 
 
 def cmd_data(argv: list[str]) -> int:
@@ -165,7 +261,8 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data,
-            "models": cmd_models, "bench": cmd_bench}
+            "models": cmd_models, "bench": cmd_bench, "export": cmd_export, "doctor": cmd_doctor,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

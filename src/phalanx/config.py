@@ -24,9 +24,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from phalanx.errors import ConfigError
+from phalanx.errors import ConfigError, first_line
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+MAX_TIMEOUT_S = 30 * 24 * 3600  # 30 days: any longer is a mistake, and overflows timedelta-based timeouts
 
 
 @dataclass
@@ -141,6 +142,12 @@ class ParallelConfig:
     """DDP gradient bucket size in MiB."""
     static_graph: bool = True
     """Tell DDP the graph is static (lets it skip unused-parameter searches)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded (FSDP2)."""
+    shard_size: int = 0
+    """FSDP: shard within groups of this many ranks and replicate across groups (0: shard over all ranks)."""
+    reshard_after_forward: bool = True
+    """FSDP: free the gathered parameters after forward and gather again for backward (less memory, more traffic)."""
 
 
 @dataclass
@@ -155,6 +162,12 @@ class CheckpointConfig:
     """How many checkpoints to keep (oldest are deleted)."""
     resume: str = ""
     """Run directory (or checkpoint directory) to resume from; a run started in a directory with a checkpoint resumes from it."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: Literal["auto", "true", "false"] = "auto"
+    """TensorBoard event files in RUN_DIR/tensorboard from rank 0 (auto: when tensorboard is installed)."""
 
 
 @dataclass
@@ -198,6 +211,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def default_run_dir(self) -> str:
         """OUT_DIR/<date>-<time>-<model>: the run directory when none is given."""
@@ -206,13 +220,15 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every value; raise ConfigError naming the field and how to fix it."""
-        from phalanx.models import MODELS  # late: models import torch
+        from phalanx.data.imageio import max_pixels, too_many_pixels  # late: these import torch
+        from phalanx.models import MODELS
+        from phalanx.runtime.cpu import max_processes
 
         def need(ok: bool, key: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"{key}={get_key(self, key)!r}: {msg}")
 
-        need(self.epochs >= 0, "epochs", "must be >= 0")
+        need(self.epochs >= 1, "epochs", "must be >= 1 (to evaluate saved weights: `phalanx eval RUN_DIR`)")
         need(self.global_batch >= 1, "global_batch", "must be >= 1")
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         need(self.global_batch % self.grad_accum == 0, "grad_accum", "must divide global_batch")
@@ -222,11 +238,12 @@ class Config:
         need(0.0 <= self.ema < 1.0, "ema", "must be in [0, 1)")
         need(self.model.name in MODELS, "model.name",
              f"unknown model{_did_you_mean(self.model.name, MODELS)}; choose one of {', '.join(sorted(MODELS))}")
-        need(self.model.width >= 1, "model.width", "must be >= 1")
+        need(1 <= self.model.width <= 1024, "model.width", "must be in 1..1024")
         o = self.optim
-        need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be a positive number, e.g. --optim.lr=0.1")
+        # Upper bounds far above any useful value, and below what a float32 optimizer step can hold.
+        need(0 < o.lr <= 1000, "optim.lr", "must be a positive number up to 1000, e.g. --optim.lr=0.1")
         need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
-        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(0 <= o.weight_decay <= 1000, "optim.weight_decay", "must be in [0, 1000]")
         need(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)")
         need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         s = self.sched
@@ -236,6 +253,8 @@ class Config:
         need(s.step_epochs >= 1, "sched.step_epochs", "must be >= 1")
         d = self.data
         need(d.size >= 0, "data.size", "must be >= 0 (0: choose from the images)")
+        need(not too_many_pixels((d.size, d.size)), "data.size", f"a {d.size}x{d.size} image has more pixels than "
+             f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
         need(d.channels in (0, 1, 3), "data.channels", "must be 1 (grayscale), 3 (RGB) or 0 (choose)")
         need(d.stream_workers >= 0, "data.stream_workers", "must be >= 0 (0: one per core of this rank)")
         need(not d.stream or d.size >= 1, "data.size", "--data.stream needs the image side, e.g. --data.size 64")
@@ -243,18 +262,40 @@ class Config:
         need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
         need(a.cutout >= 0, "augment.cutout", "must be >= 0")
         p = self.parallel
-        need(p.nproc == "auto" or (p.nproc.isdigit() and int(p.nproc) >= 1), "parallel.nproc",
-             "must be a positive number or 'auto'")
+        # isdecimal, not isdigit: int() refuses digits such as '²'; 19+ digits are out of range below.
+        need(p.nproc == "auto" or (p.nproc.isdecimal() and (len(p.nproc) > 18 or int(p.nproc) >= 1)),
+             "parallel.nproc", "must be a positive number or 'auto'")
+        most = max_processes()
+        need(p.nproc == "auto" or (len(p.nproc) <= 18 and int(p.nproc) <= most), "parallel.nproc",
+             f"more ranks than this node can usefully run (at most {most}); use --nproc auto")
+        need(p.threads_per_rank <= most, "parallel.threads_per_rank", f"must be at most {most} (0: cores / ranks)")
+        need(self.data.stream_workers <= most, "data.stream_workers", f"must be at most {most} (0: cores / ranks)")
         need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
         need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")
         need(p.threads_per_rank >= 0, "parallel.threads_per_rank", "must be >= 0")
-        need(p.init_timeout_s > 0, "parallel.init_timeout_s", "must be > 0")
-        need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
-        need(p.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+        days30 = f"must be in (0, {MAX_TIMEOUT_S}] seconds (30 days)"
+        need(0 < p.init_timeout_s <= MAX_TIMEOUT_S, "parallel.init_timeout_s", days30)
+        need(0 < p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s", days30)
+        need(0 < p.bucket_mb <= 2 ** 20, "parallel.bucket_mb", "must be in (0, 1048576] MiB")
+        need(p.shard_size >= 0, "parallel.shard_size", "must be >= 0 (0: shard over all ranks)")
+        need(p.shard_size == 0 or p.strategy == "fsdp", "parallel.shard_size", "needs --parallel.strategy fsdp")
         c = self.ckpt
         need(c.every_steps >= 0, "ckpt.every_steps", "must be >= 0")
         need(c.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0")
         need(c.keep >= 1, "ckpt.keep", "must be >= 1")
+        from phalanx.observe.sinks import tensorboard_installed
+        need(self.log.tensorboard != "true" or tensorboard_installed(), "log.tensorboard",
+             "tensorboard is not installed: pip install tensorboard (or --log.tensorboard auto)")
+        for info in fields_of():  # what the checks above leave: values the libraries below cannot hold
+            v = get_key(self, info.key)
+            if isinstance(v, int) and not isinstance(v, bool):
+                need(-2 ** 63 <= v < 2 ** 63, info.key, "is out of range (at most 2**63-1)")
+            elif isinstance(v, float):
+                need(math.isfinite(v), info.key, "must be a finite number")
+            elif isinstance(v, str):  # config.toml, read back by `phalanx eval`, holds neither
+                bad = next((ch for ch in v if ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) < 0xE000), None)
+                need(bad is None, info.key, f"holds the character {bad!r}: control characters and bytes that are "
+                                            f"not UTF-8 cannot be kept in the run's config.toml")
         return self
 
 
@@ -319,7 +360,9 @@ def _set_key(cfg: Any, key: str, value: Any) -> None:
 
 
 def _coerce_literal(choices: tuple, value: Any, where: str) -> Any:
-    """One of a Literal's choices, as given."""
+    """One of a Literal's choices, as given (a TOML boolean as "true"/"false" where those are choices)."""
+    if isinstance(value, bool) and str(value).lower() in choices:
+        return str(value).lower()
     if value not in choices:
         raise ConfigError(f"{where}: choose one of {', '.join(map(str, choices))}"
                           f"{_did_you_mean(str(value), map(str, choices))}")
@@ -423,9 +466,12 @@ def resolve_recipe(name: str) -> Path:
 
 def load_recipe(cfg: Config, path: Path) -> None:
     try:
-        table = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"recipe {path}: {e}") from None
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          f"save it as UTF-8") from None
+    except (OSError, ValueError) as e:  # TOMLDecodeError, and ValueError for an integer of over 4300 digits
+        raise ConfigError(f"recipe {path}: {first_line(e)}") from None
     for key, value in _flatten_toml(table).items():
         info = _lookup(key, f"in {path}")
         _set_key(cfg, info.key, _coerce(info, value, f"in {path}"))

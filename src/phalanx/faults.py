@@ -1,8 +1,8 @@
 """Fault injection for tests of failure handling; inert unless PHALANX_FAULT is set.
 
-PHALANX_FAULT="point:rank:step:action" — at `point` ("step" or "ckpt_write"), on `rank` at global
-step `step`, do `action`: "exit" (os._exit(3)), "kill" (SIGKILL self), "term" (SIGTERM self, as a scheduler's
-preemption would) or "hang" (sleep for ever).
+PHALANX_FAULT="point:rank:step:action" — at `point` ("step", "ckpt_write" or "eval": an evaluation's start),
+on `rank` at global step `step`, do `action`: "exit" (os._exit(3)), "kill" (SIGKILL self), "term" (SIGTERM
+self, as a scheduler's preemption would) or "hang" (sleep for ever; "stop": SIGSTOP self, a frozen process).
 An optional 5th field restricts it to one elastic restart count (default 0, the first attempt).
 """
 from __future__ import annotations
@@ -31,6 +31,9 @@ def maybe(point: str, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if action == "hang":
         while True:

@@ -147,21 +147,36 @@ def test_gradient_accumulation_equals_the_larger_batch(cache_dir, small_idx, tmp
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("action", ["exit", "hang"])
-def test_a_rank_that_dies_or_stalls_stops_the_run_with_a_message(cache_dir, small_idx, tmp_path, action):
+@pytest.mark.parametrize("action,rank", [("exit", 1), ("stop", 1),
+                                         # the stalled rank hosts the process-group store: only its silence tells
+                                         pytest.param("stop", 0, marks=pytest.mark.slow),
+                                         pytest.param("hang", 1, marks=pytest.mark.slow)])
+def test_a_rank_that_dies_or_stalls_stops_the_run_with_a_message(cache_dir, small_idx, tmp_path, action, rank):
     t0 = time.monotonic()
     r, run_dir = train(cache_dir, small_idx, tmp_path, 2, "--parallel.timeout_s", "10", steps=9,
-                       env_extra={"PHALANX_FAULT": f"step:1:3:{action}"}, timeout=240)
+                       env_extra={"PHALANX_FAULT": f"step:{rank}:3:{action}"}, timeout=240)
     elapsed = time.monotonic() - t0
     out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert elapsed < 120, f"took {elapsed:.0f}s"
+    # A stopped (SIGSTOP) or hung rank is SIGKILLed by the agent 30 s after its SIGTERM, which it cannot handle.
+    assert elapsed < 150, f"took {elapsed:.0f}s"
     assert "phalanx: the run failed" in out
+    last = r.stderr.strip().splitlines()[-1]  # the launcher's report ends with one line naming the failing rank
     if action == "exit":
-        assert "rank: 1" in out  # the launcher names the failing rank
+        assert "rank: 1" in out  # the agent's table names the failing rank
+        assert last.startswith("phalanx: rank 1 exited with code 3"), last
     else:
-        # rank 0 waited for the stalled rank 1 in a collective and says what it was doing
-        assert "rank 0 stopped while" in out
+        # the healthy rank timed out waiting for the stalled one; it names it, not itself
+        assert last.startswith(f"phalanx: rank {rank} stalled"), last
+        assert f"rank-{rank}.log" in last
+        assert f"phalanx: rank {1 - rank} stopped while" not in out
+        # detected within the collective timeout (10 s) and the check-in window (5 s), plus a margin
+        healthy = (run_dir / "logs" / f"rank-{1 - rank}.log").read_text().splitlines()
+        stamp = [x for x in healthy if " ERROR " in x][0][:23]
+        detected = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:]) / 1000
+        stepped = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last_step = max(x["unix_time"] for x in stepped if x.get("event") == "train" and x["step"] <= 3)
+        assert detected - last_step < 10 + 5 + 15, f"detected {detected - last_step:.1f} s after step 2"
     assert not (run_dir / "model.safetensors").exists()
 
 
@@ -181,3 +196,28 @@ def test_no_sample_is_seen_twice_in_an_epoch_across_3_ranks(cache_dir, small_idx
         assert len(idx) == 9 * 64 and len(set(idx)) == len(idx), f"epoch {epoch}: duplicates"
         assert set(idx) <= set(range(600))
     assert seen[0] != seen[1]  # a new permutation every epoch
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_listens_on_loopback_only(cache_dir, small_idx, tmp_path):
+    # The rendezvous store (the launcher's agent), the process-group store (rank 0) and gloo's
+    # connections (each rank) all listen; none may be reachable from another machine.
+    from tests.sockets import is_loopback, listening_addresses, process_tree
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "phalanx", "train", "--data", str(small_idx), "--nproc", "2", "--epochs", "40",
+            "--global_batch", "60", "--model.width", "16", "--run_dir", str(run_dir), *EXACT]
+    env = dict(os.environ, PHALANX_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        t0 = time.monotonic()
+        while not ((run_dir / "metrics.jsonl").exists() and '"train"' in (run_dir / "metrics.jsonl").read_text()):
+            assert p.poll() is None and time.monotonic() - t0 < 120, "training did not start"
+            time.sleep(0.2)
+        pids = process_tree(p.pid)
+        listening = listening_addresses(pids)
+    finally:
+        p.terminate()  # a preemption: checkpoint, exit
+        out = p.communicate(timeout=60)[0]
+    assert len(pids) >= 3, pids  # the launcher and its two ranks
+    assert len(listening) >= 3, (listening, out)  # two stores and gloo's listeners at least
+    assert all(is_loopback(addr) for addr, _ in listening), listening

@@ -76,6 +76,25 @@ def test_sigkill_of_a_rank_under_elastic_restarts_matches_uninterrupted(referenc
 
 
 @pytest.mark.slow
+def test_a_rank_killed_in_the_final_evaluation_is_evaluated_by_the_restarted_group(reference_runs, cache_dir,
+                                                                                   small_idx, tmp_path):
+    # The last step (15, mid-epoch) gets a periodic checkpoint before its evaluation: the restarted group
+    # resumes at the end of the run, has nothing left to train, and must still evaluate those weights.
+    extra = ("--max_steps", "15", "--ckpt.every_steps", "5")
+    run_dir = tmp_path / "run"
+    r = run_phalanx(cmd(small_idx, run_dir, 2, *extra, "--max-restarts", "1", "--parallel.timeout_s", "20"),
+                    cache_dir, env_extra={"PHALANX_FAULT": "eval:1:15:kill"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fault injection: kill at eval" in r.stdout + r.stderr
+    assert "nothing left to train" in r.stdout and "have no evaluation yet" in r.stdout, r.stdout
+    assert "final test accuracy nan%" not in r.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ref = json.loads((reference_runs(2, *extra) / "summary.json").read_text())
+    assert summary["step"] == summary["global_step"] == 15
+    assert summary["correct"] == ref["correct"] and summary["loss"] == ref["loss"]
+
+
+@pytest.mark.slow
 def test_checkpoint_of_2_ranks_resumes_on_1_and_3_ranks(reference, cache_dir, small_idx, tmp_path):
     src = tmp_path / "two"
     r = run_phalanx(cmd(small_idx, src, 2, "--model.norm", "group", "--model.act", "gelu"), cache_dir,
@@ -123,10 +142,10 @@ def _wait_for_step(run_dir: Path, proc, timeout=120):
 
 @pytest.mark.parametrize("launcher,sig", [("single", signal.SIGTERM),
                                           pytest.param("single", signal.SIGUSR1, marks=pytest.mark.slow),
-                                          # slow: the ranks outlive their checkpoint until the agent kills
-                                          # them 30 s later (issue 17); torchrun's path covers 2 ranks here
-                                          pytest.param("phalanx", signal.SIGTERM, marks=pytest.mark.slow),
-                                          ("torchrun", signal.SIGTERM)])
+                                          # phalanx's launcher forks its ranks (torch's worker wrapper then
+                                          # waits for an agent that is shutting down); torchrun spawns them
+                                          ("phalanx", signal.SIGTERM),
+                                          pytest.param("torchrun", signal.SIGTERM, marks=pytest.mark.slow)])
 def test_preemption_signal_checkpoints_and_exits_cleanly(cache_dir, small_idx, tmp_path, launcher, sig):
     run_dir = tmp_path / "run"
     args = cmd(small_idx, run_dir, 1 if launcher == "single" else 2, "--epochs", "40")
@@ -142,12 +161,18 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(cache_dir, small_idx, t
     _wait_for_step(run_dir, p)
     p.send_signal(sig)
     out = p.communicate(timeout=120)[0]
+    exited = time.time()
     if launcher != "torchrun":  # torchrun itself reports the signal as an error; its ranks exit 0
         assert p.returncode == 0, out
-    from phalanx.train.checkpoint import find_latest, load
+    from phalanx.train.checkpoint import MARKER, find_latest, load
     found = find_latest(run_dir)
     assert found is not None, out
     assert load(found)["state"]["reason"].startswith("preempted")
+    # Every rank (and the launcher) is gone within seconds of the checkpoint, well inside SLURM's 30 s
+    # grace; the elastic agent's SIGKILL (30 s after its SIGTERM) would be a failure here.
+    after_checkpoint = exited - (found / MARKER).stat().st_mtime
+    assert after_checkpoint < 10, f"exited {after_checkpoint:.1f} s after the checkpoint\n{out}"
+    assert "forcefully exiting" not in out, out
     assert f"--resume {run_dir}" in out
     logs = [(run_dir / "logs" / f"rank-{k}.log").read_text() for k in range(1 if launcher == "single" else 2)]
     assert all("Traceback" not in log for log in logs)

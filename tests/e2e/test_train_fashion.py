@@ -66,7 +66,7 @@ def test_predict_classifies_an_image_file(short_run, cache_dir, tmp_path):
     store = load_store("fashion_mnist", str(cache_dir))
     img = store["test"].images[0][..., 0]
     Image.fromarray(img).save(tmp_path / "x.png")
-    r = run_phalanx(["predict", run_dir, tmp_path / "x.png"], cache_dir)
+    r = run_phalanx(["predict", run_dir, tmp_path / "x.png", "--format", "json"], cache_dir)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["top"][0]["class"] in store.classes and 0 < row["top"][0]["p"] <= 1

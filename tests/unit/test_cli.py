@@ -12,6 +12,8 @@ from phalanx.cli import main
     (["data", "prepare", "--help"], "--skip-bad"),
     (["bench", "--help"], "scaling"),
     (["models"], "phalanx_cnn"),
+    (["export", "--help"], "--format torchscript|onnx|safetensors"),
+    (["doctor", "--help"], "--backend"),
 ])
 def test_every_command_explains_itself(argv, needle, capsys):
     try:

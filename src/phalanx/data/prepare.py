@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -32,11 +33,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from phalanx.data import imageio
 from phalanx.data.idx import find_idx_files, read_idx_pair
 from phalanx.data.imageio import IMAGE_EXTENSIONS, decode_to_uint8, fit, is_image_file, probe
 from phalanx.data.store import StoreWriter, is_store, open_store
-from phalanx.errors import DataError, DecodeError
-from phalanx.runtime.cpu import usable_cores
+from phalanx.errors import ConfigError, DataError, DecodeError
+from phalanx.runtime.cpu import PROCESSES_PER_CORE, max_processes, usable_cores
 
 DEFAULT_SIZE = 64          # side of the images when they do not all share one square size
 HELD_OUT_FRACTION = 0.1    # share of each class held out as "test" when the tree has no split folders
@@ -370,6 +372,29 @@ def _bad_files_error(src: Path, bad: dict[str, str]) -> DataError:
 
 # ----------------------------------------------------------------------------- prepare
 
+def _bytes_text(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def check_room(out: Path, images: int, shape: tuple[int, int, int]) -> None:
+    """ConfigError, before anything is written, when a store of `images` images of `shape` (h, w, c) would
+    not fit the free space of the file system `out` goes on (the old store there is replaced only after
+    the new one is complete, so its space does not count)."""
+    h, w, c = shape
+    need = images * (h * w * c + 8)  # uint8 pixels and an int64 label per image
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ConfigError(f"{out}: the store would take ~{_bytes_text(need)} ({images:,d} images of {h}x{w}x{c}), "
+                          f"more than the {_bytes_text(free)} free on its disk; choose a smaller --size, or an "
+                          f"output folder on a disk with more room")
+
+
 def _matching_store(out: Path, source: str, key: dict) -> bool:
     """A complete store from the same source with the same options is already at `out`."""
     try:
@@ -485,12 +510,15 @@ def _prepare_imagefolder(src: Path, out: Path, size: int, channels: int, workers
         raise DataError(f"{src}: no image files in any class folder (looked for "
                         f"{', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))})")
     bad: dict[str, str] = {rel: "empty file (0 bytes)" for rel in listing.zero_byte}
+    if size:  # before the header scan, with the fewest channels; exactly once the shape is known
+        check_room(out, total - len(bad), (size, size, channels or 1))
     note_bad = _warn_once_on_bad(bad, skip_bad)
     todo = [rel for entries in listing.splits.values() for rel, _ in entries if rel not in bad]
     pool = _make_pool(workers, max(1, -(-total // DECODE_CHUNK)))
     try:
         if size == 0 or channels == 0:  # choose from the headers: one cheap pass
             size, channels = _choose_shape(pool, src, todo, bad, size, channels, progress, note_bad)
+        check_room(out, total - len(bad), (size, size, channels))
         writer = _imagefolder_writer(out, listing, source, key, size, channels)
         try:
             with _progress(total - len(bad), "decode", progress) as bar:
@@ -562,6 +590,7 @@ def _prepare_cifar(src: Path, out: Path, kind: str, size: int, channels: int, pr
     if _matching_store(out, source, key):
         return out
     s, c = size or 32, channels or 3
+    check_room(out, sum(counts.values()), (s, s, c))
     options = dict(key, files={k: [p.name for p in v] for k, v in files.items()},
                    resize="none" if s == 32 else f"32x32 to {s}x{s} (bilinear, antialias)")
     writer = StoreWriter(out, classes, (s, s, c), source=source, options=options)
@@ -601,6 +630,7 @@ def _prepare_idx(src: Path, out: Path, size: int, channels: int) -> Path:
         return out
     pairs = {split: read_idx_pair(*paths) for split, paths in files.items()}
     h, w = pairs["train"][0].shape[1:]
+    check_room(out, sum(len(labels) for _, labels in pairs.values()), (h, w, 1))
     classes = FASHION_CLASSES if "fashion" in str(src).lower() else MNIST_CLASSES
     writer = StoreWriter(out, classes, (h, w, 1), source=source, options=key)
     try:
@@ -630,6 +660,13 @@ def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int
         raise DataError(f"--channels {channels}: must be 1 (grayscale) or 3 (RGB)")
     if workers < 0:
         raise DataError(f"--workers {workers}: must be >= 0 (0: one per CPU)")
+    if imageio.too_many_pixels((size, size)):
+        raise ConfigError(f"--size {size}: a {size}x{size} image has more pixels than the decoder accepts in any "
+                          f"image ({imageio.max_pixels():,d}); choose a side such as 64, 224 or 512")
+    if workers > (most := max_processes()):
+        raise ConfigError(f"--workers {workers}: more decoding processes than this machine can run usefully (at "
+                          f"most {most}: {PROCESSES_PER_CORE} per usable core, within the open-file limit); leave "
+                          f"--workers out for one per core")
     if not src.exists():
         raise DataError(f"{src}: no such file or folder")
     kind = detect_kind(src)

@@ -62,10 +62,13 @@ class Progress:
 
 
 class MetricsWriter:
-    """Appends one JSON object per event to run_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per event to run_dir/metrics.jsonl (rank 0 only), and hands each record to
+    the further sinks given (TensorBoard: phalanx.observe.sinks). metrics.jsonl is always written; a sink
+    that fails is dropped with one warning, so that a nicety never stops a run."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, sinks: list | tuple = ()):
         self.path = path
+        self.sinks = list(sinks) if path is not None else []
         self.t0 = time.time()
 
     def write(self, **record) -> None:
@@ -75,6 +78,26 @@ class MetricsWriter:
         record.setdefault("unix_time", round(time.time(), 3))  # lets benchmarks time from process start
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in list(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as e:  # any failure of an optional sink
+                logging.getLogger("phalanx").warning(f"{sink.name}: stopped writing ({type(e).__name__}: {e}); "
+                                                     f"metrics.jsonl goes on")
+                self.sinks.remove(sink)
+                _close_quietly(sink)
+
+    def close(self) -> None:
+        """Flush and close the sinks (metrics.jsonl is closed after every record)."""
+        for sink in self.sinks:
+            _close_quietly(sink)
+        self.sinks = []
+
+
+def _close_quietly(sink) -> None:
+    import contextlib
+    with contextlib.suppress(Exception):  # closing a sink that may already have failed
+        sink.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -107,3 +130,58 @@ class TrainMeter:
         self.sums.zero_()
         self.seen, self.t0 = 0, time.perf_counter()
         return loss, rate
+
+
+def summary_table(summary: dict, weights: Path) -> str:
+    """The few lines rank 0 prints at the end of a run: results, speed, layout, and where the files are."""
+    rows = []
+    if "acc" in summary:
+        counts = f" ({summary['correct']}/{summary['count']})" if "correct" in summary and "count" in summary else ""
+        rows.append(("test accuracy", f"{100 * summary['acc']:.2f}%{counts}"))
+    if "top5" in summary:  # only where the evaluation computes it
+        rows.append(("top-5 accuracy", f"{100 * summary['top5']:.2f}%"))
+    if "loss" in summary:
+        rows.append(("test loss", f"{summary['loss']:.4f}"))
+    if "train_s" in summary:
+        m, s = divmod(float(summary["train_s"]), 60)
+        rows.append(("wall time", f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"))
+    if "train_img_s" in summary:
+        rows.append(("throughput", f"{summary['train_img_s']:,.0f} img/s (last epoch)"))
+    strategy = f" ({summary['strategy']})" if summary.get("strategy") else ""
+    rows += [("world size", f"{summary.get('world', 1)} rank(s){strategy}"), ("precision", str(summary.get("precision", "?"))),
+             ("steps", str(summary.get("global_step", "?"))), ("run directory", str(summary.get("run_dir", ""))),
+             ("weights", f"{weights} (+ {weights.with_suffix('.json').name})")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def prediction_writer(fmt: str, top: int, files: list, classes: list[str]):
+    """A function printing one prediction row ({'file', 'top': [{'class', 'p'}]}) per call as a table,
+    CSV (file,top1,p1,top2,p2,...) or JSON lines. The table's and the CSV's header comes with the first
+    row, so a first image that cannot be decoded leaves only its error line."""
+    if fmt == "json":
+        return lambda row: print(json.dumps(row), flush=True)
+    if fmt == "csv":
+        import csv
+        emit = csv.writer(sys.stdout, lineterminator="\n").writerow
+        header = ["file"] + [c for i in range(1, top + 1) for c in (f"top{i}", f"p{i}")]
+
+        def line(row: dict) -> list:
+            return [row["file"]] + [v for t in row["top"] for v in (t["class"], t["p"])]
+    else:
+        emit = print
+        fw = max([len("file")] + [len(str(f)) for f in files])
+        cw = max([len(f"top-{top}")] + [len(c) for c in classes])
+        header = f"{'file':<{fw}}" + "".join(f"  {f'top-{i}':<{cw}} {'p':>6}" for i in range(1, top + 1))
+
+        def line(row: dict) -> str:
+            return f"{row['file']:<{fw}}" + "".join(f"  {t['class']:<{cw}} {t['p']:6.4f}" for t in row["top"])
+    started = []
+
+    def write(row: dict) -> None:
+        if not started:
+            emit(header)
+            started.append(True)
+        emit(line(row))
+        sys.stdout.flush()
+    return write

@@ -65,9 +65,13 @@ def average_across_ranks(tensors: list[torch.Tensor]) -> None:
 
 
 def state_digest(model: nn.Module) -> str:
-    """sha256 of the model's parameters and buffers (their bytes, in state_dict order), 16 hex digits."""
+    """sha256 of the model's parameters and buffers (their bytes, in state_dict order), 16 hex digits.
+    A sharded parameter (FSDP's DTensor) counts as its full value: collective then, on every rank."""
+    from torch.distributed.tensor import DTensor
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
 
 from phalanx.config import Config
 from phalanx.errors import CheckpointError, ConfigError
 from phalanx.parallel.collectives import average_across_ranks, norm_statistics
+from phalanx.parallel.strategy import averaged_model, local_bytes
 from phalanx.runtime.dist import DistEnv
 
 
@@ -19,6 +21,8 @@ class DDPStrategy:
     """Every rank holds the whole model; gradients are all-reduced in buckets during backward."""
 
     name = "ddp"
+    sharded = False   # one full copy per rank: rank 0 writes checkpoints alone
+    lockstep = False  # a forward needs no other rank
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -58,6 +62,9 @@ class DDPStrategy:
             model = torch.compile(model)
         return model
 
+    def averaged(self, decay: float) -> AveragedModel:
+        return averaged_model(self.plain, decay)
+
     def no_sync(self, sync: bool):
         if not sync and self.ddp is not None:
             return self.ddp.no_sync()
@@ -69,9 +76,12 @@ class DDPStrategy:
     def model_state(self) -> dict[str, torch.Tensor]:
         return self.plain.state_dict()
 
-    def load_model_state(self, sd: dict[str, torch.Tensor], source: Path) -> None:
+    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return module.state_dict()
+
+    def load_full(self, module: nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
         from phalanx.train.checkpoint import load_into
-        load_into(self.plain, sd, source)
+        load_into(module, sd, source)
 
     def optim_state(self, optimizer: torch.optim.Optimizer) -> dict:
         return optimizer.state_dict()
@@ -81,3 +91,6 @@ class DDPStrategy:
             optimizer.load_state_dict(sd)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{source}: optimizer state does not match ({e})") from None
+
+    def memory(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        return local_bytes(self.plain, optimizer)

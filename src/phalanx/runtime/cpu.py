@@ -16,6 +16,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+PROCESSES_PER_CORE = 8  # beyond this, more ranks, threads or decode workers only cost memory and switches
+
+
+def max_processes() -> int:
+    """The most ranks, threads or worker processes worth starting on this node: 8 per usable core, and
+    few enough that their pipes fit this process's open-file limit (RLIMIT_NOFILE), which 100,000
+    forked workers would exhaust ("Too many open files")."""
+    limit = PROCESSES_PER_CORE * usable_cores()
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return limit
+    # A child costs its parent a few descriptors (pipes, a sentinel); 4 each leaves room for everything else.
+    return limit if soft == resource.RLIM_INFINITY else max(1, min(limit, soft // 4))
+
+
 def cpu_has_bf16() -> bool:
     """True when oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX)."""
     try:

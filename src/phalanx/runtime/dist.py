@@ -6,7 +6,9 @@ LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); nothing deeper reads the environment.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +60,12 @@ class DistEnv:
     threads: int = 1
     restart: int = 0
     """How many times the elastic agent has restarted this group."""
+    error_file: str = ""
+    """Where the elastic agent reads this rank's failure message (TORCHELASTIC_ERROR_FILE)."""
+    store_on_rank0: bool = False
+    """The process-group store is hosted by rank 0 (not by the elastic agent)."""
+    store_server: object = None
+    """Rank 0's process-group store server, bound here to MASTER_ADDR only (held while the process lives)."""
     phase: str = "starting"
     """What this rank is doing now; named in the message when a peer fails."""
 
@@ -78,6 +86,8 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        error_file=os.environ.get("TORCHELASTIC_ERROR_FILE", ""),
+        store_on_rank0=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True",
     )
     e.accel = runtime.accelerator(device_pref)
     e.device = e.accel.bind(e.local_rank)
@@ -90,11 +100,30 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = e.device  # eager NCCL init, bound to this rank's GPU
+        if e.rank == 0 and e.store_on_rank0:
+            e.store_server = serve_process_group_store(os.environ.get("MASTER_ADDR", ""),
+                                                       os.environ.get("MASTER_PORT", ""))
         # The init timeout also covers slow joiners; collectives get the shorter one after the first step.
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(pcfg.init_timeout_s, pcfg.timeout_s)),
                                 **kwargs)
         e.backend = backend
     return e
+
+
+def serve_process_group_store(master_addr: str, master_port: str):
+    """Rank 0's process-group store, listening on MASTER_ADDR's address only, or None (torch's own then).
+
+    env:// initialisation creates a multi-tenant TCPStore server on MASTER_PORT, on every interface;
+    created here first, bound to the address the other ranks are told to connect to, it is the one
+    initialisation then uses (see runtime/stores.py).
+    """
+    if not master_addr or not master_port.isdigit():
+        return None
+    from phalanx.runtime import stores
+    try:
+        return stores.serve(stores.resolve(master_addr), int(master_port))
+    except OSError:  # not this machine's address, or taken: torch's own server reports it as before
+        return None
 
 
 def set_collective_timeout(seconds: float) -> None:
@@ -108,6 +137,46 @@ def set_collective_timeout(seconds: float) -> None:
         elif hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # 2.3 - 2.11
             dist.distributed_c10d._set_pg_timeout(td, None)
     except Exception:  # a backend without support keeps the init timeout
+        pass
+
+
+ANSWER_WINDOW_S = 5.0
+"""How long a rank whose collective timed out waits for the other ranks to check in through the store."""
+
+
+def unanswered_ranks(env: DistEnv, window_s: float = ANSWER_WINDOW_S) -> list[int] | None:
+    """The ranks that do not check in through the process-group store within `window_s` seconds.
+
+    Called by every rank whose collective timed out: those that are alive all get there within about
+    the same time (they waited the same timeout), a stalled one never does. None when the store
+    itself does not answer (its host stalled too) or cannot be asked.
+    """
+    from phalanx.runtime import stores
+
+    def ask() -> list[int]:
+        store = dist.distributed_c10d._get_default_store()
+        key = f"phalanx/alive/{env.restart}/"
+        store.set(key + str(env.rank), "1")
+        waiting = [k for k in range(env.world) if k != env.rank]
+        deadline = time.monotonic() + window_s
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.1)
+            waiting = [k for k in waiting if not store.check([key + str(k)])]
+        return waiting
+
+    done, value = stores.call_within(ask, window_s + 2)
+    return value if done else None
+
+
+def record_failure(env: DistEnv, message: str) -> None:
+    """Leave `message` where the elastic agent reads this rank's failure: its report shows it, and
+    `phalanx train --nproc` prints it as the run's last line."""
+    if not env.error_file:
+        return
+    try:
+        with open(env.error_file, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
         pass
 
 

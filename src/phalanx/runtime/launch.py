@@ -6,9 +6,11 @@ here spawns or watches processes by hand: restarts, failure reports and teardown
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 
 from phalanx import runtime
 from phalanx.config import ParallelConfig
@@ -49,6 +51,92 @@ def _forked_rank(*argv: str) -> None:
     code = main(list(argv))
     if code:
         raise SystemExit(code)
+    leave_after_return(RETURN_GRACE_S)
+
+
+RETURN_GRACE_S = 1.0
+"""How long a forked rank that finished its work waits for the agent to release it before it exits by itself."""
+
+
+def leave_after_return(grace_s: float) -> None:
+    """End this forked rank `grace_s` seconds from now, whatever the elastic agent does.
+
+    After the entrypoint returns, torch's worker wrapper puts the return value on a queue and waits for
+    an event that the agent sets only when it polls and finds every rank done. An agent that is shutting
+    down (it got SIGTERM and passed it on: a preemption) never polls again; it only waits for its
+    workers to exit and SIGKILLs them after 30 s. The return value is on the queue within microseconds,
+    so leaving after `grace_s` is safe for a polling agent too (an exit code 0 is a success to it).
+    """
+    import threading
+
+    def leave() -> None:
+        time.sleep(grace_s)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+    threading.Thread(target=leave, daemon=True, name="phalanx-leave").start()
+
+
+def bind_rendezvous(args, pcfg: ParallelConfig):
+    """Make the run's stores listen on the rendezvous endpoint's address only; returns the rendezvous store
+    server where this process hosts it (keep it while the agent runs), else None.
+
+    The endpoint is 127.0.0.1 for a single-node run. On the machine that owns the endpoint's address,
+    the rendezvous store is bound here to that address (torch's own would listen on every interface;
+    see runtime/stores.py). `args.local_addr`, which the ranks' process-group store binds (rank 0's
+    MASTER_ADDR), becomes this machine's address towards the endpoint; on loopback, gloo is told to use
+    the loopback interface too (GLOO_SOCKET_IFNAME, unless set). Where the endpoint's port is held by a
+    program that does not answer as a c10d store, a ConfigError says so instead of waiting for ever.
+    """
+    import errno
+
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    from phalanx.errors import ConfigError
+    from phalanx.runtime import stores
+
+    endpoint = args.rdzv_endpoint
+    field = f"--parallel.rdzv_endpoint {endpoint}" if pcfg.rdzv_endpoint else f"rendezvous endpoint {endpoint}"
+    try:
+        host, port = parse_rendezvous_endpoint(endpoint, default_port=29400)
+        addr = stores.resolve(host)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{field}: not a reachable host:port ({e}); give HOST:PORT of node 0, e.g. "
+                          f"10.0.0.1:29400") from None
+    if stores.is_loopback(addr):
+        args.local_addr = addr
+        lo = stores.loopback_interface()
+        if lo:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+    else:
+        args.local_addr = stores.route_addr(addr)  # None: torch's default, this machine's FQDN
+    try:
+        server = stores.serve(addr, port)
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise ConfigError(f"{field}: cannot listen there ({e.strerror}); give a free port") from None
+        # Another machine's address, or a port in use here: by another node's agent on this machine
+        # (its store), or by some other program, which torch's client would wait on for ever.
+        if stores.answers_as_store(host, port) is False:
+            raise ConfigError(f"{field}: the port is held by a program that does not answer as a PyTorch "
+                              f"c10d store; give a free port (or stop that program)") from None
+        return None
+    if port == 0:
+        args.rdzv_endpoint = f"[{addr}]:{server.port}" if ":" in addr else f"{addr}:{server.port}"
+    return server
+
+
+def failure_line(e, run_dir=None) -> str:
+    """One line naming the rank that failed: its own diagnosis where it left one (a rank that waited on a
+    stalled peer names that peer), else the first rank the agent saw fail, and how."""
+    rank, failure = e.get_first_failure()
+    if isinstance(failure.message, str) and failure.message.startswith("phalanx: "):
+        return failure.message
+    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else
+           f"exited with code {failure.exitcode}")
+    return f"phalanx: rank {rank} {how}; its log: {run_dir or 'RUN_DIR'}/logs/rank-{rank}.log"
 
 
 def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
@@ -78,8 +166,9 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     # restart and hang in process-group init (pytorch/pytorch#135712): give each attempt its own store.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = get_args_parser().parse_args(launcher_argv(pcfg, nproc) + ["--"])
-    if args.standalone:  # as torch.distributed.run.run does for --standalone
-        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    if args.standalone:  # as torch.distributed.run.run does for --standalone, on loopback
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "127.0.0.1:0", str(uuid.uuid4())
+    rdzv_server = bind_rendezvous(args, pcfg)  # noqa: F841 (held while the agent runs)
     config, cmd, cmd_args = config_from_args(args)
     cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
     config.start_method = start_method(pcfg, device_pref)
@@ -91,7 +180,7 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as e:
-        print(f"phalanx: the run failed\n{e}", file=sys.stderr, flush=True)
+        print(f"phalanx: the run failed\n{e}\n{failure_line(e, run_dir)}", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:
         # The agent passed the signal on: each rank finished its step and wrote a checkpoint.

@@ -9,6 +9,7 @@
 A checkpoint directory counts only when COMPLETE exists and its checksums match, so a kill at any
 moment of a write leaves the previous checkpoint the newest valid one. Only rank 0 writes: the
 model and optimizer are replicated under DDP, and the small per-rank RNG states are gathered.
+Under FSDP every rank writes its shards (sharded_checkpoint.py), and `seal` below finishes the write.
 
 Nothing here deletes a checkpoint that may be the only copy of a user's work: `_prune` removes old
 complete ones beyond `keep` and leftovers of dead writers, never a folder `set_aside` renamed to
@@ -131,8 +132,6 @@ def _write_error(ckpt_root: Path, e: OSError | SafetensorError) -> CheckpointErr
 
 def _save(ckpt_root: Path, tmp: Path, global_step: int, model_sd: dict, optim_sd: dict, state: dict,
           ema_sd: dict | None, keep: int, rank: int) -> Path:
-    name = f"step-{global_step:08d}"
-    final = ckpt_root / name
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -143,8 +142,17 @@ def _save(ckpt_root: Path, tmp: Path, global_step: int, model_sd: dict, optim_sd
     save_file(opt_tensors, tmp / "optim.safetensors")
     if ema_sd is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema_sd.items()}, tmp / "ema.safetensors")
+    return seal(ckpt_root, tmp, global_step, state, keep)
+
+
+def seal(ckpt_root: Path, tmp: Path, global_step: int, state: dict, keep: int) -> Path:
+    """Finish a write whose tensors are in `tmp`: the RNG states and state.json beside them, every file
+    fsynced, the COMPLETE marker with their checksums written last, then the folder renamed into place,
+    `latest` pointed at it and old checkpoints pruned. Returns the checkpoint's directory."""
+    name = f"step-{global_step:08d}"
+    final = ckpt_root / name
     rng_tensors: dict[str, torch.Tensor] = {}
-    state["rng"] = pack(state.get("rng"), rng_tensors, "rng")
+    state = dict(state, rng=pack(state.get("rng"), rng_tensors, "rng"))
     save_file(rng_tensors or {"none": torch.zeros(0)}, tmp / "rng.safetensors")
     _write_json(tmp / "state.json", state)
     files = sorted(p.name for p in tmp.iterdir())
@@ -330,6 +338,7 @@ _STATE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "global_batch": ((int,), "a positive integer"),
     "config": ((dict,), "an object"),
     "reason": ((str,), "a string"),
+    "format": ((str,), "a string"),
 }
 _POSITION = ("epoch", "step", "global_step")
 
@@ -337,11 +346,13 @@ _POSITION = ("epoch", "step", "global_step")
 def check_state(state: dict, path: Path) -> None:
     """The fields of a checkpoint's state.json that resume reads, by type; one CheckpointError line
     naming the field otherwise (`state` as read, before `optim` and `rng` are unpacked)."""
+    if state.get("format", "dcp") != "dcp":
+        raise CheckpointError(f"{path}: field 'format' must be \"dcp\" (sharded) or absent, found {show(state['format'])}")
     pos = state.get("position")
     if not isinstance(pos, dict) or sorted(pos) != sorted(_POSITION) or not all(map(is_count, pos.values())):
         raise CheckpointError(f"{path}: field 'position' must be an object of non-negative integers "
                               f"{', '.join(_POSITION)}, found {show(pos, 80)}")
-    for key in ("optim", "scheduler"):
+    for key in ("scheduler",) if state.get("format") == "dcp" else ("optim", "scheduler"):
         if key not in state:
             raise CheckpointError(f"{path}: field {key!r} is missing; the file was not written by Phalanx or was "
                                   f"modified after it was written")
@@ -380,27 +391,42 @@ def _check_unpacked(optim: Any, rng: Any, path: Path) -> None:
 
 
 def load(ckpt: Path) -> dict:
-    """{'model', 'optim', 'ema' (or None), 'state'} of a verified checkpoint, on the CPU.
+    """{'model', 'optim', 'ema' (or None), 'state', 'sharded'} of a verified checkpoint, on the CPU. A
+    sharded one (FSDP) gives its state only: `sharded_checkpoint.load_into` reads its tensors into the
+    model, at any world size.
 
     Every file read is listed (and so checksummed) in COMPLETE, and state.json is checked field by
     field: any damage or tampering is one CheckpointError line naming the file and the field.
     """
     ckpt = Path(ckpt)
     listed = verify(ckpt)["files"]
-    for f in LOADED_FILES:
-        if f not in listed and (f != "ema.safetensors" or (ckpt / f).exists()):
-            raise CheckpointError(f"{ckpt / f}: not listed in {ckpt / MARKER}, so it cannot be checked; the "
-                                  f"checkpoint was not written by Phalanx or was modified after it was written")
     spath = ckpt / "state.json"
+    if "state.json" not in listed:
+        raise CheckpointError(f"{spath}: not listed in {ckpt / MARKER}, so it cannot be checked; the checkpoint "
+                              f"was not written by Phalanx or was modified after it was written")
     state = read_json_object(spath, "checkpoint state")
     check_state(state, spath)
-    optim = _unpack_field(state, "optim", _load_tensors(ckpt / "optim.safetensors"), spath)
+    sharded = state.get("format") == "dcp"
+    if sharded:
+        from phalanx.train.sharded_checkpoint import check_files
+        check_files(ckpt, listed)
+    else:
+        for f in LOADED_FILES:
+            if f not in listed and (f != "ema.safetensors" or (ckpt / f).exists()):
+                raise CheckpointError(f"{ckpt / f}: not listed in {ckpt / MARKER}, so it cannot be checked; the "
+                                      f"checkpoint was not written by Phalanx or was modified after it was written")
     rng = _unpack_field(state, "rng", _load_tensors(ckpt / "rng.safetensors"), spath)
+    if sharded:
+        _check_unpacked({"state": {}, "param_groups": []}, rng, spath)
+        state["rng"] = rng
+        return {"model": None, "optim": None, "ema": None, "state": state, "sharded": True}
+    optim = _unpack_field(state, "optim", _load_tensors(ckpt / "optim.safetensors"), spath)
     _check_unpacked(optim, rng, spath)
     state.pop("optim")
     state["rng"] = rng
     ema = _load_tensors(ckpt / "ema.safetensors") if "ema.safetensors" in listed else None
-    return {"model": _load_tensors(ckpt / "model.safetensors"), "optim": optim, "ema": ema, "state": state}
+    return {"model": _load_tensors(ckpt / "model.safetensors"), "optim": optim, "ema": ema, "state": state,
+            "sharded": False}
 
 
 def check_fits(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -22,8 +23,12 @@ from phalanx.train.precision import Precision
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk: int, world: int, rank: int,
-             precision: Precision | None = None, tta_flip: bool = False) -> dict:
-    """{'loss', 'acc', 'correct', 'count'} over the whole split, identical on every rank."""
+             precision: Precision | None = None, tta_flip: bool = False, lockstep: bool = False) -> dict:
+    """{'loss', 'acc', 'correct', 'count'} over the whole split, identical on every rank.
+
+    `lockstep` (a sharded model, whose forward gathers parameters from every rank): a rank with
+    fewer chunks than another runs one-image forwards whose output is dropped, so that every rank
+    takes part in as many gathers."""
     was_training = model.training
     model.eval()
     n = len(data.split)
@@ -31,13 +36,18 @@ def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk:
     device = normalize.scale.device  # NCCL reduces device tensors only
     loss_sums = torch.zeros(n_chunks, dtype=torch.float64, device=device)
     correct = torch.zeros(1, dtype=torch.int64, device=device)
-    for c, lo, hi in eval_chunks(n, chunk, world, rank):
+    mine = eval_chunks(n, chunk, world, rank)
+    most = max(len(eval_chunks(n, chunk, world, r)) for r in range(world)) if lockstep else len(mine)
+    for i in range(most):
+        c, lo, hi = mine[i] if i < len(mine) else (None, 0, 1)
         x, y = data.gather(torch.arange(lo, hi))
         x = normalize(to_nchw(x))
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             logits = model(x).float()
             if tta_flip:
                 logits = (logits + model(x.flip(3)).float()) * 0.5
+        if c is None:
+            continue  # a lockstep forward only
         loss_sums[c] = F.cross_entropy(logits.double(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     all_reduce_sum(loss_sums)
@@ -170,20 +180,40 @@ def eval_main(cfg, target: Path) -> dict:
         rdist.teardown()
 
 
+def list_images(paths: list[Path]) -> list[Path]:
+    """Files named, plus the image files under folders named (recursively, sorted); DataError for a
+    missing path or a folder without images. A file named on its own is taken whatever its suffix."""
+    from phalanx.data.imageio import IMAGE_EXTENSIONS, is_image_file
+    from phalanx.errors import DataError
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise DataError(f"{p}: no image files in this folder or below (suffixes: "
+                                f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
 @torch.no_grad()
-def predict_files(target: Path, files: list[Path], top: int = 3) -> list[dict]:
-    """Top-k classes of image files, preprocessed like the training store (size, channels)."""
+def predict_files(model: nn.Module, meta: dict, files: list[Path], top: int = 3, batch: int = 64) -> Iterator[dict]:
+    """Top-k classes of image files by a model from `load_weights`, preprocessed like the training store
+    (size, channels, normalisation), `batch` files at a time; yields one row per file, in order. A file
+    that cannot be decoded raises DecodeError naming it."""
     from phalanx.data.imageio import decode_chw
 
-    model, meta = load_weights(target)
     size, ch = meta["image_size"], meta["in_channels"]
     normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False)
-    rows = []
-    for f in files:
-        x = normalize(decode_chw(f, size, ch)[None])  # DecodeError names the file
-        p = model(x).float().softmax(1)[0]
-        k = min(top, len(p))
-        vals, idx = p.topk(k)
-        rows.append({"file": str(f), "top": [{"class": meta["classes"][i], "p": round(float(v), 4)}
-                                             for v, i in zip(vals.tolist(), idx.tolist())]})
-    return rows
+    k = min(top, meta["num_classes"])
+    for lo in range(0, len(files), batch):
+        part = files[lo:lo + batch]
+        x = normalize(torch.stack([decode_chw(f, size, ch) for f in part]))  # DecodeError names the file
+        vals, idx = model(x).float().softmax(1).topk(k, dim=1)
+        for f, v, i in zip(part, vals.tolist(), idx.tolist()):
+            yield {"file": str(f), "top": [{"class": meta["classes"][c], "p": round(p, 6)} for p, c in zip(v, i)]}

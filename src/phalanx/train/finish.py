@@ -7,10 +7,13 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from phalanx.observe.console import summary_table
 
-def export_weights(model: nn.Module, path: Path, meta: dict) -> None:
-    """Plain state_dict (no wrapper prefixes) as safetensors, metadata as JSON beside it."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+def export_weights(weights: nn.Module | dict, path: Path, meta: dict) -> None:
+    """Plain state_dict (no wrapper prefixes; a module's or one given) as safetensors, metadata as JSON beside it."""
+    sd = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     save_file(sd, path, metadata={"phalanx": json.dumps(meta)})
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
@@ -24,12 +27,14 @@ def export_meta(run) -> dict:
             "mean": store.mean, "std": store.std, "ema": run.state.ema is not None}
 
 
-def finish(run, result: dict, train_s: float) -> None:
-    """model.safetensors (loadable with load_state_dict into the model class), summary.json, curves.png."""
+def finish(run, result: dict, train_s: float, weights: dict) -> None:
+    """model.safetensors (the full `weights`, loadable with load_state_dict into the model class),
+    summary.json, curves.png."""
     run_dir, state, log = run.run_dir, run.state, run.log
-    export_weights(state.export_model, run_dir / "model.safetensors", export_meta(run))
+    export_weights(weights, run_dir / "model.safetensors", export_meta(run))
     summary = dict(result, run_dir=str(run_dir), global_step=state.position.global_step, world=run.env.world,
-                   precision=state.precision.name, train_s=round(train_s, 2))
+                   precision=state.precision.name, train_s=round(train_s, 2), strategy=state.strategy.name,
+                   memory_per_rank=run.memory)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
         from phalanx.observe.plots import plot_run
@@ -37,3 +42,4 @@ def finish(run, result: dict, train_s: float) -> None:
     except Exception as e:  # a plot is a nicety; never fail a finished run for it
         log.warning(f"could not draw curves.png: {e}")
     log.info(f"final test accuracy {100 * result.get('acc', float('nan')):.2f}%  run directory {run_dir}")
+    log.info(summary_table(summary, run_dir / "model.safetensors"))

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
+from pathlib import Path
 
 from phalanx import config as C
 from phalanx import faults
+from phalanx.errors import ConfigError
 from phalanx.observe.console import Progress, TrainMeter
 from phalanx.parallel.collectives import barrier, ranks_holding
 from phalanx.runtime import dist as rdist
-from phalanx.train import cadence
+from phalanx.train import cadence, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.evaluate import evaluate
 from phalanx.train.finish import finish
@@ -34,21 +37,41 @@ def train(cfg: C.Config) -> dict:
         return fit(setup(cfg, env))
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
         if env.world > 1 and _looks_like_peer_failure(e):
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]
-            msg = (f"phalanx: rank {env.rank} stopped while {env.phase}: another rank exited or stalled "
-                   f"({detail}). The launcher's report below names the failing rank; every rank's log is in "
-                   f"RUN_DIR/logs/rank-K.log")
-            log = logging.getLogger("phalanx")
-            log.error(msg)  # rank 0's console and every rank's file
-            if not env.is_main or not log.handlers:
-                print(msg, file=sys.stderr, flush=True)
-            # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
-            # forked ranks are polled together (it checks every 0.5 s under `phalanx train --nproc`).
-            time.sleep(1.0)
-            raise SystemExit(1) from None
+            stop_for_peer_failure(env, e, Path(cfg.run_dir or "RUN_DIR") / "logs")
         raise
     finally:
         rdist.teardown()
+
+
+def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> None:
+    """One line naming the rank that failed, on the console, in this rank's log and in the launcher's
+    report; then exit 1. A timed-out collective means a stalled rank: the ranks that are alive check in
+    through the store, and the ones that do not are named."""
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]
+    timed_out = any(w in str(e).lower() for w in ("timed out", "timeout"))
+    silent = rdist.unanswered_ranks(env) if timed_out else []
+    if silent is None and env.store_on_rank0 and env.rank != 0:
+        silent, how = [0], "neither its collectives nor the store it hosts answered"
+    else:
+        how = f"it did not check in through the store within {rdist.ANSWER_WINDOW_S:g} s either"
+    if silent:
+        who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+        msg = (f"phalanx: {who} stalled (stopped, hung or starved): rank {env.rank} timed out waiting for it "
+               f"while {env.phase} ({detail}), and {how}; its log: {logs / f'rank-{silent[0]}.log'}")
+    else:
+        msg = (f"phalanx: rank {env.rank} stopped while {env.phase}: another rank exited or stalled "
+               f"({detail}). The launcher's report below names the failing rank; every rank's log is in "
+               f"{logs}/rank-K.log")
+    log = logging.getLogger("phalanx")
+    log.error(msg)  # rank 0's console and every rank's file
+    if not env.is_main or not log.handlers:
+        print(msg, file=sys.stderr, flush=True)
+    rdist.record_failure(env, msg)
+    if not timed_out:
+        # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
+        # forked ranks are polled together (it checks every 0.5 s under `phalanx train --nproc`).
+        time.sleep(1.0)
+    raise SystemExit(1) from None
 
 
 def _looks_like_peer_failure(e: BaseException) -> bool:
@@ -91,13 +114,15 @@ def fit(run: Run) -> dict:
             result = end_of_epoch(run, epoch, imgs_epoch / max(time.perf_counter() - t_epoch, 1e-9), timer) or result
     finally:
         progress.close()
+        run.metrics.close()  # TensorBoard's files complete however the loop ends
         preempt.restore()
         if samples is not None:
             samples.close()
-    if not result and state.history:  # a finished run started again: its last evaluation is the result
-        result = state.history[-1]
+    if not result:  # no epoch ended here: a finished run started again, or restarted after its last step
+        result = final_evaluation(run, timer)
+    weights = state.strategy.full_state(state.export_model)  # gathered on rank 0 when sharded (collective)
     if env.is_main:
-        finish(run, result, time.perf_counter() - timer.start)
+        finish(run, result, time.perf_counter() - timer.start, weights)
     barrier()
     return dict(result, run_dir=str(run.run_dir))
 
@@ -124,6 +149,8 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
     pos.step, pos.global_step = batch.step + 1, pos.global_step + 1
     if pos.global_step == 1:
         rdist.set_collective_timeout(cfg.parallel.timeout_s)
+    if not run.memory:  # after this process's first step: the optimizer state exists now
+        report_memory(run)
     faults.maybe("step", env.rank, pos.global_step)
     meter.step(cfg.global_batch)
     report_progress(run, meter, progress, epoch, cadence.log_every(run.steps_per_epoch))
@@ -155,6 +182,18 @@ def end_of_epoch(run: Run, epoch: int, epoch_img_s: float, timer: Timer) -> dict
     return res
 
 
+def report_memory(run: Run) -> None:
+    """What this rank holds for training (parameters, gradients, optimizer state), logged by every rank to
+    its file and by rank 0 to the console, and kept for summary.json."""
+    state = run.state
+    mem = state.strategy.memory(state.optimizer)
+    run.memory = dict(mem, total_bytes=sum(mem.values()))
+    mib = {k: v / 2**20 for k, v in run.memory.items()}
+    run.log.info(f"memory per rank ({state.strategy.name}, {run.env.world} ranks): parameters "
+                 f"{mib['param_bytes']:.1f} MiB, gradients {mib['grad_bytes']:.1f} MiB, optimizer state "
+                 f"{mib['optim_bytes']:.1f} MiB, total {mib['total_bytes']:.1f} MiB")
+
+
 def report_progress(run: Run, meter: TrainMeter, progress: Progress, epoch: int, every: int) -> None:
     """The progress bar every step; the reduced training loss in metrics.jsonl every `every` steps."""
     pos, cfg = run.state.position, run.cfg
@@ -163,27 +202,51 @@ def report_progress(run: Run, meter: TrainMeter, progress: Progress, epoch: int,
         return
     run.env.phase = f"reducing training metrics at step {pos.global_step}"
     loss, rate = meter.reduce()
+    if not math.isfinite(loss):  # checked where the loss is read anyway: no extra host synchronisation
+        lr = cfg.optim.lr
+        raise ConfigError(f"training loss is {loss} by step {pos.global_step} (epoch {epoch + 1}): the run diverged "
+                          f"with optim.lr={lr:g} and was stopped; rerun with a lower --optim.lr, e.g. {lr / 10:g} "
+                          f"(or clip gradients: --optim.grad_clip 1)")
     run.metrics.write(event="train", epoch=epoch + 1, step=pos.global_step, loss=round(loss, 5),
                       lr=run.state.scheduler.get_last_lr()[0], img_s=round(rate, 1))
     progress.update(epoch, cfg.epochs, loss, rate)
 
 
-def evaluate_now(run: Run, epoch: int, epoch_img_s: float, wall_s: float) -> dict:
-    """Exact evaluation of the EMA (or the model) on the test split; every rank gets the same result."""
+def final_evaluation(run: Run, timer: Timer) -> dict:
+    """The evaluation of the weights the run ends with: its last one when it is of this step, else a new one.
+
+    A checkpoint of the last step can be older than that step's evaluation (a periodic or preemption
+    checkpoint at the last step, then a rank lost during the evaluation): the restarted group, which has
+    nothing left to train, evaluates those weights here, so that the run still reports their accuracy.
+    """
+    state, pos = run.state, run.state.position
+    if state.history and state.history[-1].get("step") == pos.global_step:
+        return state.history[-1]
+    run.log.info(f"the weights of step {pos.global_step} have no evaluation yet: evaluating them now")
+    epoch = pos.epoch - 1 if pos.step == 0 and pos.epoch > 0 else pos.epoch  # the epoch they were trained in
+    return evaluate_now(run, epoch, None, time.perf_counter() - timer.start)
+
+
+def evaluate_now(run: Run, epoch: int, epoch_img_s: float | None, wall_s: float) -> dict:
+    """Exact evaluation of the EMA (or the model) on the test split; every rank gets the same result.
+    `epoch_img_s` is None where this process trained nothing."""
     env, state = run.env, run.state
     env.phase = f"evaluating after epoch {epoch + 1}"
+    faults.maybe("eval", env.rank, state.position.global_step)
     res = evaluate(state.eval_model, run.test_data, run.normalize, run.cfg.eval_batch, env.world, env.rank,
-                   state.precision, run.cfg.tta_flip)
-    res.update(epoch=epoch + 1, step=state.position.global_step, train_img_s=round(epoch_img_s, 1),
-               wall_s=round(wall_s, 2))
+                   state.precision, run.cfg.tta_flip, lockstep=state.strategy.lockstep)
+    res.update(epoch=epoch + 1, step=state.position.global_step, wall_s=round(wall_s, 2))
+    if epoch_img_s is not None:
+        res["train_img_s"] = round(epoch_img_s, 1)
     peak = state.accel.peak_memory_mb(env.device)
     if peak is not None:  # this rank's peak, training and evaluation included
         res["peak_mem_mb"] = peak
     check_ranks_hold_one_model(run, state.position.global_step)
     state.history.append(res)
     run.metrics.write(event="eval", **res)
+    speed = f"{res['train_img_s']:,.0f} img/s  " if "train_img_s" in res else ""
     run.log.info(f"epoch {epoch + 1}/{run.cfg.epochs}  test acc {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  "
-                 f"{res['train_img_s']:,.0f} img/s  ({res['wall_s']:.1f} s)")
+                 f"{speed}({res['wall_s']:.1f} s)")
     return res
 
 
@@ -198,15 +261,19 @@ def check_ranks_hold_one_model(run: Run, step: int) -> None:
 
 
 def save_checkpoint(run: Run, reason: str):
-    """Every rank takes part (the RNG states are gathered); rank 0 writes. Returns the directory on rank 0."""
+    """Every rank takes part (the RNG states are gathered). Rank 0 writes a replicated model alone; each
+    rank writes its shards of a sharded one. Returns the directory on rank 0."""
     env, state = run.env, run.state
     env.phase = f"writing a checkpoint ({reason})"
     sd = state.state_dict()
+    meta = dict(sd["state"], global_batch=run.cfg.global_batch, config=C.to_dict(run.cfg), reason=reason)
+    root, step, keep = run.run_dir / "checkpoints", state.position.global_step, run.cfg.ckpt.keep
     path = None
+    if state.strategy.sharded:
+        path = sharded_checkpoint.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
+    elif env.is_main:
+        path = ckpt.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
     if env.is_main:
-        meta = dict(sd["state"], global_batch=run.cfg.global_batch, config=C.to_dict(run.cfg), reason=reason)
-        path = ckpt.save(run.run_dir / "checkpoints", state.position.global_step, sd["model"], sd["optim"], meta,
-                         sd["ema"], run.cfg.ckpt.keep, env.rank)
         run.log.info(f"checkpoint {path} ({reason})")
     barrier()
     return path

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from phalanx import config as C
 from phalanx.data import streaming
@@ -17,9 +17,10 @@ from phalanx.data.augment import Normalize
 from phalanx.data.loader import SplitOnDevice, TrainLoader, evenly_spaced
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.sources import open_on_node
-from phalanx.errors import CheckpointError, ConfigError
+from phalanx.errors import CheckpointError, ConfigError, DataError
 from phalanx.models import build_model
 from phalanx.observe.console import MetricsWriter, setup_logging
+from phalanx.observe.sinks import metric_sinks
 from phalanx.parallel.collectives import barrier, broadcast_object
 from phalanx.parallel.strategy import build_strategy
 from phalanx.runtime.dist import DistEnv
@@ -44,16 +45,19 @@ class Run:
     state: TrainState
     steps_per_epoch: int
     total_steps: int
+    memory: dict = field(default_factory=dict)   # bytes this rank holds for training (after its first step)
 
 
 def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
     """Rank 0 picks the run directory, every rank uses that one."""
+    found = ckpt.find_latest(Path(cfg.ckpt.resume)) if cfg.ckpt.resume else None
+    if cfg.ckpt.resume and found is None:  # refused before anything is created (every rank sees the same files)
+        raise CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
     if cfg.run_dir:
         name = cfg.run_dir  # all nodes take rank 0's (node 0's launcher) name below
-    elif cfg.ckpt.resume:
-        found = ckpt.find_latest(Path(cfg.ckpt.resume))
+    elif found is not None:
         p = Path(cfg.ckpt.resume)
-        name = str(found.parent.parent if found is not None and found.parent.name == "checkpoints" else p)
+        name = str(found.parent.parent if found.parent.name == "checkpoints" else p)
     elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         # Under a bare torchrun the run id is stable across elastic restarts, so a restarted group
         # finds its checkpoints (`phalanx train --nproc` passes an explicit run_dir instead).
@@ -62,8 +66,34 @@ def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
         name = cfg.default_run_dir() if env.is_main else ""
     name = broadcast_object(name)
     run_dir = Path(name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only folder, a full disk: `check_run_dir` tells it sooner
+        raise ConfigError(f"run directory {run_dir}: cannot create it ({e.strerror or e}); choose another "
+                          f"--run_dir or --out_dir") from None
     return run_dir
+
+
+def check_run_dir(cfg: C.Config) -> None:
+    """One ConfigError line, before anything is written, unless the run directory can be created and
+    written: it, or the nearest folder above it that exists, must be a folder this process may write in.
+    A --resume of a path that does not exist is one CheckpointError line."""
+    key, given = next((k, v) for k, v in (("run_dir", cfg.run_dir), ("ckpt.resume", cfg.ckpt.resume),
+                                          ("out_dir", cfg.out_dir)) if v or k == "out_dir")
+    fix = f"choose another --{key}"
+    if cfg.ckpt.resume and not Path(cfg.ckpt.resume).exists():  # a typo: say so before any rank is started
+        raise CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
+    try:
+        probe = Path(given)
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"--{key} {given}: {probe} is a file, not a folder; {fix}")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"--{key} {given}: {probe} is read-only (no new files can be made in it); {fix}, "
+                              f"one you can write in")
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ConfigError(f"--{key} {given}: {e.strerror or e}; {fix}") from None
 
 
 def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
@@ -72,13 +102,12 @@ def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
     if cfg.data.stream:
         workers = streaming.stream_workers(cfg.data.stream_workers, env.local_world)
         store = streaming.open_folder_stream(cfg.data.path, cfg.data.size, cfg.data.channels, workers, env.is_main)
-        if not cfg.data.channels:  # record the choice, so `phalanx eval RUN_DIR` prepares the same channels
+        if not cfg.data.channels:  # recorded in config.toml, so `phalanx eval RUN_DIR` prepares the same channels
             cfg.data.channels = store.shape[2]
-            if env.is_main:
-                (run_dir / "config.toml").write_text(C.to_toml(cfg))
     else:
         store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
                              cfg.data.size, cfg.data.channels)
+    check_data(cfg, store)
     train_split, test_split = store["train"], store["test" if "test" in store.splits else "val"]
     if cfg.global_batch // cfg.grad_accum < env.world:
         raise ConfigError(f"global_batch={cfg.global_batch} with grad_accum={cfg.grad_accum} gives fewer images "
@@ -95,6 +124,50 @@ def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
     return store, loader, test_data, normalize, sampler
 
 
+# Where each kind of source keeps its test split (see data/prepare.py), to say how to add one.
+_HOW_TO_ADD_A_TEST_SPLIT = {
+    "idx": "add t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz beside the train-*-ubyte files in {src}",
+    "imagefolder": "add a test/ (or val/) folder of class folders beside {src}/train, or give every class folder "
+                   "of {src} 2 or more images (10% of each class is then held out for testing)",
+    "cifar10": "add test_batch.bin beside the data_batch_*.bin files in {src}",
+    "cifar100": "add test.bin beside train.bin in {src}",
+}
+
+
+def check_data(cfg: C.Config, store) -> None:
+    """One line, before any training, for data a run cannot learn from or be evaluated on (one class, no
+    test images) and for settings these images rule out (a global batch larger than the training split,
+    crops and cutouts larger than the images)."""
+    manifest = getattr(store, "manifest", None) or {}  # a streamed ImageFolder has none
+    kind = manifest.get("options", {}).get("kind", "imagefolder" if manifest == {} else None)
+    src = manifest.get("source", store.path)
+    train = store["train"]
+    if len(train) == 0:
+        raise DataError(f"{store.path}: no training images")
+    labels = np.asarray(train.labels)
+    if labels.min() == labels.max():
+        name = store.classes[int(labels[0])]
+        hint = (f"; {name!r} looks like a split folder: put the class folders inside {src}/{name} and add "
+                f"{src}/test (or val) beside it" if name in ("train", "val", "test") else "")
+        raise DataError(f"{src}: every training image is of one class ({name!r}), so any model is 100% accurate "
+                        f"and learns nothing; give the data 2 or more classes{hint}")
+    test = next((s for s in ("test", "val") if s in store.splits), None)
+    if test is None or len(store[test]) == 0:
+        how = _HOW_TO_ADD_A_TEST_SPLIT.get(kind, "prepare it from a source with a test split "
+                                                 "(`phalanx data prepare --help` says where each kind keeps one)")
+        found = f"its {test!r} split is empty" if test else f"it has only the split(s) {', '.join(store.splits)}"
+        raise DataError(f"{src}: no test images to evaluate on ({found}); {how.format(src=src)}")
+    if cfg.global_batch > len(train):
+        raise ConfigError(f"global_batch={cfg.global_batch} is larger than the {len(train):,d} training images of "
+                          f"{src}; use --global_batch {len(train)} or less")
+    side = store.shape[0]
+    if cfg.augment.crop_pad >= side or cfg.augment.cutout > side:
+        key, value = (("augment.crop_pad", cfg.augment.crop_pad) if cfg.augment.crop_pad >= side
+                      else ("augment.cutout", cfg.augment.cutout))
+        raise ConfigError(f"{key}={value}: too large for the {side}x{side} images of {src}; use at most "
+                          f"{side - 1} for crop_pad and {side} for cutout")
+
+
 def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_steps: int,
                 steps_per_epoch: int) -> TrainState:
     """Model (same initial weights on every rank), strategy, optimizer, schedule, precision, EMA."""
@@ -109,8 +182,7 @@ def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_
     strategy = build_strategy(cfg, env)
     model = strategy.wrap(net)
     optimizer = build_optimizer(strategy.plain, cfg.optim)
-    ema = (AveragedModel(strategy.plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-           if cfg.ema > 0 else None)
+    ema = strategy.averaged(cfg.ema) if cfg.ema > 0 else None
     return TrainState(model=model, strategy=strategy, optimizer=optimizer,
                       scheduler=build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch),
                       precision=Precision.from_config(cfg.precision, env.accel), ema=ema, accel=env.accel)
@@ -164,8 +236,6 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
     env.phase = "preparing the run directory"
     run_dir = resolve_run_dir(cfg, env)
     log = setup_logging(run_dir, env.rank, console=env.is_main)
-    if env.is_main:
-        (run_dir / "config.toml").write_text(C.to_toml(cfg))
     log.info(f"rank {env.rank}/{env.world} pid {os.getpid()} device {env.device} threads {env.threads} "
              f"backend {env.backend} restart {env.restart}")
     env.phase = "preparing the data"
@@ -184,4 +254,7 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
     run = Run(cfg, env, run_dir, log, MetricsWriter(run_dir / "metrics.jsonl" if env.is_main else None), store,
               loader, test_data, normalize, state, steps_per_epoch, total_steps)
     resume(run)
+    if env.is_main:  # only now: a refused resume (another model's run, a corrupt checkpoint) changes no file
+        (run_dir / "config.toml").write_text(C.to_toml(cfg))
+        run.metrics.sinks = metric_sinks(cfg, run_dir, state.export_model, log)  # TensorBoard, per cfg.log
     return run

@@ -50,7 +50,8 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.plain
 
     def state_dict(self) -> dict:
-        """{'model', 'optim', 'ema', 'state'}. Collective: it gathers every rank's RNG state."""
+        """{'model', 'optim', 'ema', 'state'}: full tensors, or this rank's shards when the strategy shards.
+        Collective: it gathers every rank's RNG state."""
         rng = self.accel.rng_state()
         if dist.is_initialized() and dist.get_world_size() > 1:
             rng_all: list = [None] * dist.get_world_size()
@@ -66,14 +67,17 @@ class TrainState:
     def load_state_dict(self, sd: dict, source: Path, rank: int) -> None:
         """Back to the state `state_dict` gave (as `checkpoint.load` reads it). This rank's RNG
         continues only when the checkpoint was written by as many ranks."""
-        from phalanx.train.checkpoint import load_into
-        self.strategy.load_model_state(sd["model"], source / "model.safetensors")
-        self.strategy.load_optim_state(self.optimizer, sd["optim"], source / "optim.safetensors")
+        if sd.get("sharded"):  # written by FSDP: DCP fills model, optimizer and EMA, resharding as needed
+            from phalanx.train import sharded_checkpoint
+            sharded_checkpoint.load_into(source, self.plain, self.optimizer, self.ema)
+        else:
+            self.strategy.load_full(self.plain, sd["model"], source / "model.safetensors")
+            self.strategy.load_optim_state(self.optimizer, sd["optim"], source / "optim.safetensors")
+            if self.ema is not None and sd["ema"] is not None:
+                self.strategy.load_full(self.ema, sd["ema"], source / "ema.safetensors")
         st = sd["state"]
         self.scheduler.load_state_dict(st["scheduler"])
         self.precision.load_state_dict(st.get("scaler"))
-        if self.ema is not None and sd["ema"] is not None:
-            load_into(self.ema, sd["ema"], source / "ema.safetensors")
         self.position = Position(**st["position"])
         self.history = st.get("history", [])
         rng = st.get("rng") or {}

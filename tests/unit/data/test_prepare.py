@@ -388,6 +388,52 @@ def test_cli_errors_are_one_line_exit_1(tmp_path, capsys):
     assert main(["data", "prepare", str(tmp_path / "src"), str(tmp_path / "src" / "store")]) == 1
 
 
+@pytest.mark.parametrize("option,needle", [
+    (["--size", "100000"], "--size 100000: a 100000x100000 image has more pixels than the decoder accepts in any "
+                           "image (178,956,970); choose a side such as 64, 224 or 512"),
+    (["--workers", "100000"], "--workers 100000: more decoding processes than this machine can run usefully (at "
+                              "most {most}: 8 per usable core, within the open-file limit)"),
+])
+def test_an_absurd_size_or_worker_count_is_one_line_exit_2(folder, tmp_path, capsys, option, needle):
+    from phalanx.cli import main
+    from phalanx.runtime.cpu import max_processes
+    out = tmp_path / "stores" / "out"
+    assert main(["data", "prepare", str(folder), str(out), "--no-progress", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle.format(most=max_processes()) in err, err
+    assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "cifar10", "idx"])
+def test_a_store_larger_than_the_free_disk_is_refused_naming_its_size(folder, tmp_path, capsys, monkeypatch, kind):
+    from phalanx.cli import main
+    from tests.conftest import make_idx_dataset
+    src, option = {"imagefolder": (folder, ["--size", "300", "--channels", "3"]),
+                   "cifar10": (tmp_path / "cifar", ["--size", "300"]), "idx": (tmp_path / "idx", [])}[kind]
+    if kind == "cifar10":
+        write_cifar(src, n=7)
+    elif kind == "idx":
+        make_idx_dataset(src, 64, 40)
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: shutil_usage(1_000_000))  # 1 MB free
+    out = tmp_path / "stores" / "out"
+    code = main(["data", "prepare", str(src), str(out), "--no-progress", "--workers", "1", "--skip-bad", *option])
+    err = capsys.readouterr().err
+    if kind == "idx":  # 104 images of 28x28: 82 kB fit
+        assert code == 0 and is_store(out)
+        return
+    # the folder: 22 image files, one of 0 bytes (skipped before any decoding); CIFAR-10: 6 files of 7 records
+    n = 21 if kind == "imagefolder" else 42
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"{out}: the store would take ~{n * (300 * 300 * 3 + 8) / 1e6:.3g} MB ({n} images of 300x300x3), "
+            f"more than the 1 MB free on its disk; choose a smaller --size" in err), err
+    assert not out.exists() and no_partials(out)
+
+
+def shutil_usage(free: int):
+    import shutil
+    return shutil._ntuple_diskusage(10 * free, 9 * free, free)
+
+
 def test_training_prepares_an_imagefolder_into_the_cache(tmp_path):
     from tests.conftest import run_phalanx
     rng = np.random.default_rng(4)

@@ -40,3 +40,23 @@ def test_debug_lines_reach_the_rank_file_only(tmp_path, capsys):
         log.removeHandler(h)
         h.close()
     logging.getLogger("phalanx").setLevel(logging.INFO)
+
+
+def test_the_run_summary_names_results_speed_layout_and_files(tmp_path):
+    from pathlib import Path
+
+    from phalanx.observe.console import summary_table
+    summary = {"acc": 0.9123, "correct": 9123, "count": 10000, "loss": 0.25, "train_s": 83.4, "train_img_s": 5123.4,
+               "world": 2, "precision": "bf16", "global_step": 160, "run_dir": "runs/x"}
+    text = summary_table(summary, Path("runs/x/model.safetensors"))
+    for needle in ("91.23% (9123/10000)", "1 min 23.4 s", "5,123 img/s", "2 rank(s)", "bf16", "runs/x",
+                   "runs/x/model.safetensors (+ model.json)"):
+        assert needle in text, needle
+    assert "top-5" not in text  # the evaluation computes none
+    assert "top-5 accuracy  99.00%" in summary_table(dict(summary, top5=0.99), Path("w.safetensors"))
+    assert "2 rank(s) (fsdp)" in summary_table(dict(summary, strategy="fsdp"), Path("w.safetensors"))
+
+
+def test_every_finished_run_ends_with_its_summary(tiny_run):
+    log = (tiny_run / "logs" / "rank-0.log").read_text()
+    assert "run summary" in log and str(tiny_run / "model.safetensors") in log

@@ -1,0 +1,80 @@
+"""FSDP2 against DDP on this machine: training throughput and what each rank holds (parameters,
+gradients, optimizer state), from real `phalanx train` runs that differ only in --parallel.strategy.
+
+    python benchmarks/fsdp_vs_ddp.py [--nproc 2] [--steps 60] [--models phalanx_cnn,mnist_net,resnet18]
+
+Prints a table and one JSON object (last line). Throughput is the mean of the logged windows after
+the first (warm-up); memory comes from summary.json's `memory_per_rank`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(model: str, strategy: str, nproc: int, steps: int, batch: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "phalanx", "train", "--nproc", str(nproc), "--model.name", model,
+               "--parallel.strategy", strategy, "--epochs", "1", "--max_steps", str(steps), "--global_batch",
+               str(batch), "--progress", "false", "--ckpt.at_epoch_end", "false", "--run_dir", str(run_dir), *extra]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"{model} {strategy} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rates = [x["img_s"] for x in rows if x["event"] == "train"]
+        rates = rates[1:] or rates
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return {"model": model, "strategy": strategy, "nproc": nproc, "img_s": round(sum(rates) / len(rates), 1),
+            "memory_per_rank": summary["memory_per_rank"], "acc": summary.get("acc"), "wall_s": round(wall, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--global_batch", type=int, default=256)
+    p.add_argument("--models", default="phalanx_cnn,mnist_net,resnet18")
+    p.add_argument("extra", nargs="*", help="extra `phalanx train` options, after --")
+    a = p.parse_args()
+    rows = []
+    for model in a.models.split(","):
+        pair = {s: run(model, s, a.nproc, a.steps, a.global_batch, a.extra) for s in ("ddp", "fsdp")}
+        ddp, fsdp = pair["ddp"], pair["fsdp"]
+        fsdp["memory_ratio"] = round(fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"], 3)
+        fsdp["step_time_ratio"] = round(ddp["img_s"] / fsdp["img_s"], 3)
+        rows += [ddp, fsdp]
+    out = {"cpu": cpu_model(), "torch": torch.__version__, "nproc": a.nproc, "global_batch": a.global_batch,
+           "steps": a.steps, "rows": rows, "date": time.strftime("%Y-%m-%d")}
+    print(f"{'model':<12} {'strategy':<8} {'img/s':>8} {'MiB/rank':>9} {'memory vs ddp':>13} {'step time vs ddp':>16}")
+    for r in rows:
+        mib = r["memory_per_rank"]["total_bytes"] / 2**20
+        print(f"{r['model']:<12} {r['strategy']:<8} {r['img_s']:>8,.0f} {mib:>9.1f} "
+              f"{r.get('memory_ratio', 1.0):>13.3f} {r.get('step_time_ratio', 1.0):>16.3f}")
+    print(f"({out['cpu']}, {a.nproc} ranks, global batch {a.global_batch}, torch {out['torch']})")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

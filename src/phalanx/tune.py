@@ -1,0 +1,272 @@
+"""Choices measured, not assumed: what `auto` means is timed on this machine, for this model and batch.
+
+    candidates  on CPU every layout of this node's cores (N ranks x T threads, N x T = cores), bf16 and
+                fp32 where bf16 is native, channels-last and contiguous; on a GPU channels-last and
+                contiguous (one rank per GPU, bf16 where supported, are not in question)
+    measure     each candidate trains a few steps of the real model on a synthetic batch of the real
+                image shape. N Python threads stand for the N ranks (torch ops release the GIL; each
+                thread runs its ops on T intra-op threads), each with its own copy of the model and 1/N
+                of the global batch, and their gradients are all-reduced through a real gloo group
+                between the threads: the compute, the memory contention and the communication of the
+                layout, without starting processes. Result: the global batch over the slowest thread's
+                step time.
+    search      one choice at a time (layout, then precision, then memory format), each measured with
+                the best of the ones before: a handful of measurements, ~1 s each, not the product
+    cache       CACHE/tune.json, keyed by the machine (CPU model and usable cores, or the GPU), torch
+                version, model, image shape, global batch and what was asked: the next run starts at once
+
+Why not the rules: a rule measured on one CPU was wrong on the next one (2 ranks x 1 thread was 1.5x
+faster on an AVX-512 Xeon, 12-17% slower than 1 x 2 on a Zen 3 EPYC; see README).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+VERSION = 1  # of the cache entries; bump when the measurement changes
+
+
+@dataclass(frozen=True)
+class Choice:
+    nproc: int = 1
+    threads: int = 1
+    precision: str = "fp32"      # "bf16" or "fp32" (fp16 is a GPU choice a user makes, not a tuned one)
+    channels_last: bool = True
+
+    def label(self) -> str:
+        return (f"{self.nproc} rank{'s' if self.nproc > 1 else ''} x {self.threads} thread"
+                f"{'s' if self.threads > 1 else ''}, {self.precision}, "
+                f"{'channels-last' if self.channels_last else 'contiguous'}")
+
+
+@dataclass(frozen=True)
+class Question:
+    """What is to be decided (the `auto` fields) and what is fixed, for one model, batch and machine."""
+    kind: str                    # accelerator kind: "cpu" or "cuda"
+    cores: int                   # usable cores of this node (CPU)
+    layouts: tuple[tuple[int, int], ...]   # candidate (ranks, threads); one entry when fixed
+    precisions: tuple[str, ...]  # candidate autocast dtypes; one entry when fixed
+    memory_formats: tuple[bool, ...]       # candidate channels_last values; one entry when fixed
+    model: tuple                 # (name, width, norm, act)
+    shape: tuple[int, int, int]  # (h, w, c)
+    num_classes: int
+    global_batch: int            # images per micro-step summed over the ranks
+
+    @property
+    def open(self) -> bool:
+        return len(self.layouts) > 1 or len(self.precisions) > 1 or len(self.memory_formats) > 1
+
+
+def layouts_for(cores: int, global_batch: int) -> tuple[tuple[int, int], ...]:
+    """(ranks, threads) using every core, each rank with at least 32 images per step."""
+    out = [(n, cores // n) for n in range(1, cores + 1) if cores % n == 0 and global_batch // n >= 32]
+    return tuple(out) or ((1, cores),)
+
+
+def machine() -> str:
+    """The CPU model and usable cores, or the GPU's name: what a measurement holds for."""
+    from phalanx.runtime.cpu import usable_cores
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+    return f"{cpu} ({usable_cores()} cores){gpu}"
+
+
+def cache_key(q: Question) -> str:
+    text = json.dumps([VERSION, machine(), torch.__version__, asdict(q)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the search
+
+Measure = Callable[[Choice], float]
+"""img/s of one candidate."""
+
+
+def search(q: Question, measure: Measure) -> tuple[Choice, list[tuple[Choice, float]]]:
+    """(the fastest choice, every (choice, img/s) measured), one field at a time: layout first (the
+    largest effect), then precision, then memory format, each with the best of the fields before."""
+    seen: dict[Choice, float] = {}
+
+    def rate(c: Choice) -> float:
+        if c not in seen:
+            seen[c] = measure(c)
+        return seen[c]
+
+    n, t = q.layouts[0]
+    best = Choice(n, t, q.precisions[0], q.memory_formats[0])
+    for field, values in (("layout", q.layouts), ("precision", q.precisions), ("channels_last", q.memory_formats)):
+        if len(values) < 2:
+            continue
+        options = [replace(best, nproc=v[0], threads=v[1]) if field == "layout" else replace(best, **{field: v})
+                   for v in values]
+        best = max(options, key=rate)
+    if not seen:
+        return best, []
+    return best, sorted(seen.items(), key=lambda kv: -kv[1])
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: int = 8,
+                   device: torch.device | None = None) -> float:
+    """img/s of `c`: `c.nproc` threads train copies of the model on their part of a synthetic global
+    batch, all-reducing gradients through an in-process gloo group (see the module docstring)."""
+    from phalanx.models import build_model
+    device = device or torch.device("cpu")
+    h, w, ch = q.shape
+    per_rank = max(1, q.global_batch // c.nproc)
+    dtype = torch.bfloat16 if c.precision == "bf16" else None
+    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
+    groups = _thread_groups(c.nproc)
+    times: list[float] = [0.0] * c.nproc
+    errors: list[BaseException] = []
+    start = threading.Barrier(c.nproc)
+
+    def rank(r: int) -> None:
+        try:
+            torch.manual_seed(r)
+            net = build_model(q.model[0], q.num_classes, ch, h, *q.model[1:]).to(device, memory_format=fmt)
+            opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+            x = torch.randn(per_rank, ch, h, w, device=device).contiguous(memory_format=fmt)
+            y = torch.randint(0, q.num_classes, (per_rank,), device=device)
+
+            def step() -> None:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    out = net(x)
+                F.cross_entropy(out.float(), y).backward()
+                if groups is not None:  # as DDP: one all-reduce of the flattened gradients
+                    flat = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])
+                    groups[r].allreduce([flat]).wait()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+
+            for _ in range(2):  # warm-up: allocator, oneDNN primitives, cuDNN choices
+                step()
+            start.wait()
+            t0, steps = time.perf_counter(), 0
+            while steps < max_steps and (steps < 2 or time.perf_counter() - t0 < min_seconds):
+                step()
+                steps += 1
+            times[r] = (time.perf_counter() - t0) / steps
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            errors.append(e)
+            start.abort()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(c.threads)
+    try:
+        workers = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(c.nproc)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    return q.global_batch / max(times)
+
+
+def _thread_groups(n: int):
+    """n gloo process groups joined in this process (one per thread), or None for one rank."""
+    if n == 1:
+        return None
+    import torch.distributed as dist
+    store = dist.HashStore()
+    groups: list = [None] * n
+
+    def join(r: int) -> None:
+        groups[r] = dist.ProcessGroupGloo(dist.PrefixStore("tune", store), r, n, datetime.timedelta(seconds=60))
+
+    ts = [threading.Thread(target=join, args=(r,), daemon=True) for r in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return groups
+
+
+# ----------------------------------------------------------------------------- cache
+
+def load_cached(path: Path, key: str) -> dict | None:
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("choice"), dict):
+        return None
+    try:
+        Choice(**entry["choice"])
+    except TypeError:
+        return None
+    return entry
+
+
+def store_cached(path: Path, key: str, entry: dict) -> None:
+    """Add one decision to the cache file (atomically; a cache that cannot be written is not an error)."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def decide(q: Question, cache: Path | None, measure: Measure, refresh: bool = False) -> tuple[Choice, dict]:
+    """(the choice, its record: measured rates, whether it came from the cache, seconds spent)."""
+    key = cache_key(q)
+    if cache is not None and not refresh:
+        hit = load_cached(cache, key)
+        if hit is not None:
+            return Choice(**hit["choice"]), dict(hit, cached=True)
+    t0 = time.perf_counter()
+    best, rates = search(q, measure)
+    entry = {"choice": asdict(best), "machine": machine(), "torch": torch.__version__,
+             "rates": [[c.label(), round(r, 1)] for c, r in rates], "seconds": round(time.perf_counter() - t0, 2),
+             "date": time.strftime("%Y-%m-%d")}
+    if cache is not None and rates:
+        store_cached(cache, key, entry)
+    return best, dict(entry, cached=False)
+
+
+def summary_line(choice: Choice, record: dict) -> str:
+    """One line: what was chosen, and what it was measured against (or that the cache said so)."""
+    if record.get("cached"):
+        return f"tuned: {choice.label()} (measured on {record.get('date', '?')}, cached)"
+    rates = record.get("rates") or []
+    if not rates:
+        return f"tuned: {choice.label()} (nothing to measure)"
+    best = rates[0][1]
+    others = "; ".join(f"{label}: {r:,.0f}" for label, r in rates[1:])
+    return (f"tuned in {record['seconds']:.1f} s on {record['machine']}: {choice.label()} at {best:,.0f} img/s"
+            + (f" (against {others})" if others else ""))
