@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check
+.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla
 
 setup: $(STAMP)
 
@@ -23,21 +23,39 @@ run: data
 	$(VENV)/bin/phalanx train $(ARGS)
 
 test: data lint
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not xla" $(ARGS)
 
 # Further real launches (kept out of `make test` to hold it under 10 minutes); CI runs this lane too.
 test-slow: data
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m "slow and not xla" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 test-fast: data
-	$(PY) -m pytest -q -m "not dist and not e2e and not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla" $(ARGS)
 
 bench: data
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/time_to_accuracy.py $(ARGS)
+
+# PyTorch/XLA in its own venv: torch_xla 2.9.0's binary needs torch 2.9.0 exactly (the main venv has a newer
+# torch). Built from the package index once (~5 min, ~7 GB: PyPI's torch is a CUDA build) and kept; the tests
+# run on PJRT's CPU client with 2 virtual devices (one SPMD mesh), not on a TPU.
+XVENV  := .venv-xla
+XPY    := $(XVENV)/bin/python
+XSTAMP := $(XVENV)/.phalanx-installed
+
+setup-xla: $(XSTAMP)
+
+$(XSTAMP): pyproject.toml
+	@test -x $(XPY) || $(PYTHON) -m venv $(XVENV)
+	$(XPY) -m pip install -q --upgrade pip
+	$(XPY) -m pip install -q -e '.[xla]' 'pytest>=7.4'
+	@touch $(XSTAMP)
+
+test-xla: $(XSTAMP)
+	PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 $(XPY) -m pytest -q -m xla tests/xla $(ARGS)
 
 # On this machine: .gpu/ with what the offline GPU machine lacks (Fashion-MNIST, cp312 wheels).
 gpu-pack: data

@@ -9,6 +9,7 @@
     phalanx bench scaling|flops [...]                 throughput benchmarks
     phalanx doctor [--json] [--backend gloo|nccl]     check this machine before a long run
     phalanx report RUN_DIR [RUN_DIR ...] [--out DIR]  plots and one HTML page of runs (several: compared)
+    phalanx tune [--KEY=VALUE ...]                    measure what `auto` chooses for this training, print the table
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def _train_help() -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from phalanx.train.budget import command_start
+    command_start()  # --budget counts from here; ranks started by this process inherit the time
     pos, pairs, recipe, want_help = _split_args(argv)
     if want_help:
         print(_train_help())
@@ -96,9 +99,15 @@ def cmd_train(argv: list[str]) -> int:
     if not penv.is_worker() and not cfg.data.stream:
         # Prepared here, once, before any rank starts (ranks then map it): data a run cannot use (one
         # class, no test split, fewer images than the global batch) is one line, not one per rank.
-        from phalanx.data.sources import open_on_node
-        check_data(cfg, open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
-                                     cfg.data.channels))
+        from phalanx.data.sources import cache_dir, open_on_node
+        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
+                             cfg.data.channels)
+        check_data(cfg, store)
+        if cfg.tune:  # what `auto` leaves open, measured here (or cached) and handed to every rank
+            from phalanx.tune import tune_run
+            explicit = {C.canonical_key(k) for k, _ in pairs} | (C.recipe_keys(C.resolve_recipe(recipe)) if recipe else set())
+            argv = list(argv) + tune_run(cfg, explicit, store.shape, len(store.classes),
+                                         cache_dir(cfg.data.cache_dir) / "tune.json")
     return _run_or_launch("train", cfg, argv)
 
 
@@ -245,6 +254,34 @@ def cmd_doctor(argv: list[str]) -> int:
     return doctor.cli(argv)
 
 
+def cmd_tune(argv: list[str]) -> int:
+    """Measure the candidates of the `auto` fields for the training these options describe, afresh, and
+    print them as a table; the decision is cached for the next `phalanx train` with the same options."""
+    pos, pairs, recipe, want_help = _split_args(argv)
+    if want_help or pos:
+        print("usage: phalanx tune [--recipe R] [--KEY=VALUE]...\n\nMeasure what `phalanx train` with these "
+              "options would choose where they say auto (--nproc: ranks x threads on CPU; --precision: bf16 vs "
+              "fp32 where bf16 is native; channels-last unless --model.channels_last is given), print the table, "
+              "and cache the decision for the next run.")
+        return 0 if want_help else 2
+    from phalanx import tune
+    from phalanx.data.sources import cache_dir, open_on_node
+    cfg = C.build_config(recipe, pairs)
+    store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
+                         cfg.data.channels)
+    explicit = {C.canonical_key(k) for k, _ in pairs} | (C.recipe_keys(C.resolve_recipe(recipe)) if recipe else set())
+    q = tune.question_for(cfg, explicit, store.shape, len(store.classes))
+    if q is None or not q.open:
+        print("phalanx tune: nothing to measure: these options leave no choice to `auto` on this machine")
+        return 0
+    device = tune.device_of(q)
+    choice, record = tune.decide(q, cache_dir(cfg.data.cache_dir) / "tune.json",
+                                 lambda c: tune.measure_choice(c, q, device=device), refresh=True)
+    print(tune.table(record))
+    print(f"phalanx: {tune.summary_line(choice, record)}")
+    return 0
+
+
 def cmd_report(argv: list[str]) -> int:
     from phalanx.observe import report
     return report.cli(argv)
@@ -260,7 +297,7 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_cli(argv)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data,
             "models": cmd_models, "bench": cmd_bench, "export": cmd_export, "doctor": cmd_doctor,
             "report": cmd_report}
 

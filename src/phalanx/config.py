@@ -192,8 +192,8 @@ class Config:
     """Evaluate on each image and its mirror image and average the logits."""
     deterministic: bool = False
     """Use deterministic algorithms (bit-reproducible runs on CPU)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Device to train on (auto: CUDA when present)."""
+    device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
+    """Device to train on (auto: CUDA, else a TPU through PyTorch/XLA, else CPU; xla: one process per host, SPMD)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""
     run_dir: str = ""
@@ -202,6 +202,10 @@ class Config:
     """Draw a progress bar on rank 0 (log lines are written either way)."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0: no limit); used by tests and benchmarks."""
+    budget: str = ""
+    """Wall-clock budget of the whole command (90s, 5m, 2h): the step count is set from the measured speed (empty: epochs)."""
+    tune: bool = True
+    """Measure what `auto` leaves open (CPU ranks x threads, bf16 vs fp32, channels-last) here before training, cached."""
     log_samples: bool = False
     """Write the dataset indices each rank trained on to logs/samples-rank-K.jsonl (an audit of the sharding)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,6 +239,12 @@ class Config:
         need(self.eval_batch >= 1, "eval_batch", "must be >= 1")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        if self.budget:
+            from phalanx.train.budget import parse_duration
+            try:
+                parse_duration(self.budget)
+            except ValueError as e:
+                need(False, "budget", f"{e}")
         need(0.0 <= self.ema < 1.0, "ema", "must be in [0, 1)")
         need(self.model.name in MODELS, "model.name",
              f"unknown model{_did_you_mean(self.model.name, MODELS)}; choose one of {', '.join(sorted(MODELS))}")
@@ -271,6 +281,11 @@ class Config:
         need(p.threads_per_rank <= most, "parallel.threads_per_rank", f"must be at most {most} (0: cores / ranks)")
         need(self.data.stream_workers <= most, "data.stream_workers", f"must be at most {most} (0: cores / ranks)")
         need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
+        # XLA: one process per host drives all its devices (SPMD); a pod's hosts each run the same command.
+        need(self.device != "xla" or p.nproc in ("auto", "1"), "parallel.nproc",
+             "--device xla runs one process per host, whose XLA devices share each batch; use --nproc 1 (or auto)")
+        need(self.device != "xla" or p.nnodes == 1, "parallel.nnodes",
+             "--device xla needs no rendezvous: run the same command on every host of the TPU slice")
         need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")
         need(p.threads_per_rank >= 0, "parallel.threads_per_rank", "must be >= 0")
         days30 = f"must be in (0, {MAX_TIMEOUT_S}] seconds (30 days)"
@@ -462,6 +477,19 @@ def resolve_recipe(name: str) -> Path:
     known = sorted(q.stem for q in RECIPES_DIR.glob("*.toml"))
     raise ConfigError(f"recipe {name!r} not found{_did_you_mean(name, known)}; "
                       f"give a TOML file path or one of: {', '.join(known)}")
+
+
+def recipe_keys(path: Path) -> set[str]:
+    """The fields a recipe sets (dotted keys), for telling a user's choice from a default."""
+    try:
+        return {_lookup(k, f"in {path}").key for k in _flatten_toml(tomllib.loads(path.read_text(encoding="utf-8")))}
+    except (OSError, ValueError):  # load_recipe has reported it already
+        return set()
+
+
+def canonical_key(key: str) -> str:
+    """The dotted field name an override names (`--channels_last` is `model.channels_last`)."""
+    return _lookup(key, "on the command line").key
 
 
 def load_recipe(cfg: Config, path: Path) -> None:

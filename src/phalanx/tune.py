@@ -259,6 +259,21 @@ def decide(q: Question, cache: Path | None, measure: Measure, refresh: bool = Fa
     return best, dict(entry, cached=False)
 
 
+def device_of(q: Question) -> torch.device:
+    return torch.device("cuda", 0) if q.kind == "cuda" else torch.device("cpu")
+
+
+def table(record: dict) -> str:
+    """The measured candidates, fastest first, with their speed relative to the fastest."""
+    rates = record.get("rates") or []
+    if not rates:
+        return "(nothing measured)"
+    width = max(len(label) for label, _ in rates)
+    lines = [f"{'candidate':<{width}}  {'img/s':>9}  {'vs best':>7}"]
+    lines += [f"{label:<{width}}  {r:>9,.0f}  {r / rates[0][1]:>7.2f}" for label, r in rates]
+    return "\n".join(lines + [f"({record.get('machine', '?')}, torch {record.get('torch', '?')})"])
+
+
 def summary_line(choice: Choice, record: dict) -> str:
     """One line: what was chosen, and what it was measured against (or that the cache said so)."""
     if record.get("cached"):
@@ -270,3 +285,63 @@ def summary_line(choice: Choice, record: dict) -> str:
     others = "; ".join(f"{label}: {r:,.0f}" for label, r in rates[1:])
     return (f"tuned in {record['seconds']:.1f} s on {record['machine']}: {choice.label()} at {best:,.0f} img/s"
             + (f" (against {others})" if others else ""))
+
+
+# ----------------------------------------------------------------------------- a run's `auto` fields
+
+def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: int) -> Question | None:
+    """What `cfg` leaves to measurement on this node (None: nothing, or a device kind not tuned here).
+    The layout is open on CPU with `--nproc auto` on one node (nodes of a multi-node run must agree,
+    so they use the rule); precision with `--precision auto` where bf16 is native on the CPU (a GPU
+    takes bf16 where it has it); the memory format unless `--model.channels_last` was given."""
+    from phalanx import runtime
+    from phalanx.runtime.cpu import cpu_has_bf16, usable_cores
+    from phalanx.runtime.dist import threads_per_rank
+    from phalanx.runtime.launch import resolve_nproc
+    accel = runtime.accelerator(cfg.device)
+    if accel.kind not in ("cpu", "cuda"):
+        return None
+    micro = cfg.global_batch // cfg.grad_accum
+    cores = usable_cores()
+    if accel.kind == "cpu" and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
+        layouts = layouts_for(cores, micro)
+    else:
+        n, _ = resolve_nproc(cfg.parallel, cfg.device, micro)
+        layouts = ((n, threads_per_rank(cfg.parallel, n)),)
+    if accel.kind == "cuda":  # one rank per GPU: measure one rank's share on one GPU
+        micro, layouts = max(1, micro // layouts[0][0]), ((1, 1),)
+    if cfg.precision == "auto" and accel.kind == "cpu" and cpu_has_bf16():
+        precisions = ("bf16", "fp32")
+    else:
+        dtype = accel.autocast_dtype(cfg.precision)
+        precisions = ({None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],)
+    formats = (cfg.model.channels_last,) if "model.channels_last" in explicit else (True, False)
+    m = cfg.model
+    return Question(accel.kind, cores, layouts, precisions, formats, (m.name, m.width, m.norm, m.act), tuple(shape),
+                    num_classes, micro)
+
+
+def tune_run(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: int, cache: Path,
+             say: Callable[[str], None] = print) -> list[str]:
+    """Measure (or read from the cache) what `cfg` leaves open, apply it to `cfg`, say it in one line and
+    return it as command-line overrides for the ranks to be launched (all ranks get the same)."""
+    q = question_for(cfg, explicit, shape, num_classes)
+    if q is None or not q.open:
+        return []
+    device = device_of(q)
+    choice, record = decide(q, cache, lambda c: measure_choice(c, q, device=device))
+    say(f"phalanx: {summary_line(choice, record)}")
+    if record.get("rates"):  # a --budget's first estimate of the speed, before the ranks measure their own
+        from phalanx.train.budget import TUNED_RATE_ENV
+        os.environ[TUNED_RATE_ENV] = repr(float(record["rates"][0][1]))
+    argv = []
+    if len(q.layouts) > 1:
+        cfg.parallel.nproc, cfg.parallel.threads_per_rank = str(choice.nproc), choice.threads
+        argv += ["--parallel.threads_per_rank", str(choice.threads)]
+    if len(q.precisions) > 1:
+        cfg.precision = choice.precision
+        argv += ["--precision", choice.precision]
+    if len(q.memory_formats) > 1:
+        cfg.model.channels_last = choice.channels_last
+        argv += ["--model.channels_last", "true" if choice.channels_last else "false"]
+    return argv

@@ -58,15 +58,18 @@ class SplitOnDevice:
             self.labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(device)
 
     def gather(self, idx: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of `idx` on the device, spread over the devices this rank drives (XLA SPMD)."""
         if self.images is not None:
             i = idx.to(self.device, non_blocking=True)
-            return self.images.index_select(0, i), self.labels.index_select(0, i)
-        ids = idx.numpy()
-        x = torch.from_numpy(np.take(self.split.images, ids, axis=0))
-        y = torch.from_numpy(np.take(self.split.labels, ids, axis=0))
-        if pin:
-            x, y = self.accel.pin(x), self.accel.pin(y)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.images.index_select(0, i), self.labels.index_select(0, i)
+        else:
+            ids = idx.numpy()
+            x = torch.from_numpy(np.take(self.split.images, ids, axis=0))
+            y = torch.from_numpy(np.take(self.split.labels, ids, axis=0))
+            if pin:
+                x, y = self.accel.pin(x), self.accel.pin(y)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.accel.shard_batch(x), self.accel.shard_batch(y)
 
 
 class TrainLoader:

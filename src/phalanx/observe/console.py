@@ -57,6 +57,12 @@ class Progress:
         self.bar.set_postfix_str(f"{post}{img_s:,.0f} img/s", refresh=False)
         self.bar.update(1)
 
+    def set_total(self, total: int) -> None:
+        """A new step count (a wall-clock budget's estimate)."""
+        if not self.bar.disable and self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 

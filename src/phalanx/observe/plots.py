@@ -1,8 +1,9 @@
 """Plots of runs (needs matplotlib, optional): curves.png at the end of a run, and the report's figures.
 
 The report's functions take runs as objects with `label`, `color`, `train` (records with step, wall,
-loss, lr, img_s), `evals` (records with step, wall, acc, loss) and `rank_img_s` ({rank: [(step,
-img/s)]}), as phalanx.observe.report builds them, and write one PNG each.
+loss, lr, img_s), `evals` (records with step, wall, acc, loss), `rank_img_s` ({rank: [(step,
+img/s)]}) and `resumes` (records with step, wall), as phalanx.observe.report builds them, and
+write one PNG each.
 """
 from __future__ import annotations
 
@@ -88,12 +89,23 @@ def _with_wall(runs, div: float):
 
     def conv(rows):
         return [dict(p, wall=p["wall"] / div) if p.get("wall") is not None else p for p in rows]
-    return [SimpleNamespace(label=r.label, color=r.color, train=conv(r.train), evals=conv(r.evals)) for r in runs]
+    return [SimpleNamespace(label=r.label, color=r.color, train=conv(r.train), evals=conv(r.evals),
+                            resumes=conv(getattr(r, "resumes", []))) for r in runs]
+
+
+def _mark_resumes(ax, runs, x: str) -> None:
+    """A dotted line where a run was resumed from a checkpoint (after a preemption or a failure)."""
+    for r in runs:
+        for i, res in enumerate(getattr(r, "resumes", [])):
+            if res.get(x) is not None:
+                ax.axvline(res[x], color=r.color, linestyle=":", alpha=0.8,
+                           label=f"{r.label}: resumed" if i == 0 else None)
 
 
 def _legend(ax, runs) -> None:
-    """A legend where it tells something: several runs, or a run's state (`run (preempted)`)."""
-    if ax.get_legend_handles_labels()[0] and (len(runs) > 1 or any(r.label.endswith(")") for r in runs)):
+    """A legend where it tells something: several runs, a run's state (`run (preempted)`), a resume."""
+    if ax.get_legend_handles_labels()[0] and (len(runs) > 1 or any(r.label.endswith(")") for r in runs)
+                                              or any(getattr(r, "resumes", []) for r in runs)):
         ax.legend(fontsize=8)
 
 
@@ -105,6 +117,8 @@ def plot_loss_accuracy(runs: Sequence, out: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for col, (x, xlabel, rs) in enumerate((("step", "step", runs), ("wall", wall_label, timed))):
         _line(axes[0][col], rs, "train", x, "loss")
+        for row in (0, 1):
+            _mark_resumes(axes[row][col], rs, x)
         axes[0][col].set_ylabel("training loss")
         _line(axes[1][col], rs, "evals", x, "acc", scale=100.0)
         axes[1][col].set_ylabel("test accuracy (%)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 import re
 import sys
@@ -41,11 +42,14 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#17becf"]
 
 FINISHED, PREEMPTED, IN_PROGRESS = "finished", "preempted", "not finished"
+MAX_NOTABLE = 60  # log lines shown: the newest
 
 # rank-K.log lines (train/setup.py, train/loop.py)
 _LAYOUT = re.compile(r"\| world (\d+) x (\d+) threads on (\S+) \| precision (\S+) \| global batch (\d+) "
                      r"\((\d+) steps/epoch\)")
 _MODEL = re.compile(r"\| model (\S+) \(([\d.]+) M params\) \| data (\S+) (\d+) train / (\d+) test, (\S+)")
+_MEMORY = re.compile(r"memory per rank \(.*\): .* total ([\d.]+) MiB")
+_RESUMED = re.compile(r"resumed from \S+ at epoch \d+, step \d+ \(global step (\d+)\)")
 _EPOCH = re.compile(r"epoch (\d+)/\d+\s+test acc [\d.]+%\s+loss [\d.]+\s+([\d,]+) img/s")
 _NOTABLE = re.compile(r" (WARNING|ERROR) |resumed from|preempted at|restart [1-9]")
 _LOG_LINE = re.compile(r"^(\S+ \S+) rank(\d+) (\w+) (.*)$")
@@ -66,6 +70,8 @@ class RunRecord:
     layout: dict = field(default_factory=dict)            # from rank-0.log
     rank_img_s: dict[int, list] = field(default_factory=dict)   # rank -> [(step, img/s)], epoch means
     notable: list[str] = field(default_factory=list)      # restarts, resumes, preemptions, warnings
+    resumes: list[dict] = field(default_factory=list)     # step, wall of each resume from a checkpoint
+    t0: float | None = None                               # unix time of wall = 0
     checkpoint: tuple[int, str] | None = None             # the newest complete checkpoint: (step, reason)
     last_write: float | None = None                       # unix time of the newest metrics/log write
     state: str = IN_PROGRESS
@@ -76,22 +82,34 @@ class RunRecord:
     cm_note: str = ""
 
     @property
-    def steps_done(self) -> int:
+    def steps_logged(self) -> int:
         return max([r["step"] for r in (*self.train, *self.evals)] or [0])
+
+    @property
+    def steps_done(self) -> int:
+        """Logged or checkpointed: a preemption checkpoint can be later than the last log record."""
+        return max(self.steps_logged, self.checkpoint[0] if self.checkpoint else 0)
+
+    @property
+    def wall_so_far(self) -> float | None:
+        return max([r["wall"] for r in (*self.train, *self.evals) if _number(r.get("wall"))] or [None])
 
 
 # ----------------------------------------------------------------------------- reading a run directory
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
-    """(train records, evaluations, lines skipped): the last record of each step wins (a resumed run logs
-    again the steps after its checkpoint), sorted by step, with `wall`: seconds since the run's first
-    process started writing (unix times, so restarts and the time between them count)."""
+def read_metrics(path: Path) -> tuple[list[dict], list[dict], int, float | None]:
+    """(train records, evaluations, lines skipped, t0): the last record of each step wins (a resumed run
+    logs again the steps after its checkpoint), sorted by step, with `wall`: seconds since t0, the unix
+    time the run's first process started writing (so restarts and the time between them count)."""
     if not path.is_file():
-        return [], [], 0
+        return [], [], 0, None
     records, skipped = [], 0
     for line in path.read_text(errors="replace").splitlines():
         try:
@@ -99,10 +117,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
         except ValueError:  # a line being written right now, or a torn one
             skipped += line.strip() != ""
             continue
-        if isinstance(r, dict) and isinstance(r.get("step"), int) and r.get("event") in ("train", "eval"):
-            records.append(r)
-        else:
+        if not isinstance(r, dict):
             skipped += 1
+        elif isinstance(r.get("step"), int) and r.get("event") in ("train", "eval"):
+            records.append(r)  # other events (written by other tools) are not plotted
     first = next((r for r in records if _number(r.get("unix_time")) and _number(r.get("time"))), None)
     t0 = first["unix_time"] - first["time"] if first else None
     by_step: dict[tuple[str, int], dict] = {}
@@ -115,7 +133,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
         by_step[(r["event"], r["step"])] = r
     train = sorted((r for (e, _), r in by_step.items() if e == "train"), key=lambda r: r["step"])
     evals = sorted((r for (e, _), r in by_step.items() if e == "eval"), key=lambda r: r["step"])
-    return train, evals, skipped
+    return train, evals, skipped, t0
 
 
 def _flatten(table: dict, prefix: str = "") -> dict:
@@ -149,17 +167,33 @@ def _read_logs(rec: RunRecord) -> None:
             if rank == 0 and (lay := _LAYOUT.search(line)):
                 rec.layout.update(zip(("world", "threads", "device", "precision", "global_batch", "steps_per_epoch"),
                                       lay.groups()))
+            if rank == 0 and (mem := _MEMORY.search(line)):
+                rec.layout["memory_mib"] = mem.group(1)
             if rank == 0 and (mod := _MODEL.search(line)):
                 rec.layout.update(zip(("model", "params_m", "data", "train_images", "test_images", "image"),
                                       mod.groups()))
             if (ep := _EPOCH.search(line)) and int(ep.group(1)) in epoch_step:
                 pts[epoch_step[int(ep.group(1))]] = float(ep.group(2).replace(",", ""))
-            if _NOTABLE.search(line) and len(rec.notable) < 40:
+            if rank == 0 and (res := _RESUMED.search(line)):
+                rec.resumes.append({"step": int(res.group(1)), "wall": _wall_of_log_line(line, rec.t0)})
+            if _NOTABLE.search(line):
                 lm = _LOG_LINE.match(line)
-                rec.notable.append(f"{lm.group(1)[:19]} rank {lm.group(2)}: {lm.group(4)}" if lm else line)
+                level = f" {lm.group(3)}" if lm and lm.group(3) in ("WARNING", "ERROR") else ""
+                rec.notable.append(f"{lm.group(1)[:19]} rank {lm.group(2)}{level}: {lm.group(4)}" if lm else line)
         if pts:
             rec.rank_img_s[rank] = sorted(pts.items())
         rec.last_write = max(rec.last_write or 0, log.stat().st_mtime)
+    rec.notable.sort()  # by time stamp, then rank
+    if len(rec.notable) > MAX_NOTABLE:
+        rec.notable = [f"({len(rec.notable) - MAX_NOTABLE} earlier lines left out)"] + rec.notable[-MAX_NOTABLE:]
+
+
+def _wall_of_log_line(line: str, t0: float | None) -> float | None:
+    """Seconds since t0 of a log line's local time stamp (None when either is unknown)."""
+    try:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) - t0 if t0 is not None else None
+    except ValueError:
+        return None
 
 
 def _newest_checkpoint(run_dir: Path) -> tuple[int, str] | None:
@@ -184,21 +218,25 @@ def _judge_state(rec: RunRecord) -> None:
     done = rec.steps_done
     if rec.summary is not None and (rec.path / "model.safetensors").is_file():
         rec.state = FINISHED
+        resumed = sum(" rank 0: resumed from " in n for n in rec.notable)
+        again = f" It was resumed from a checkpoint {resumed} time(s) (see the log lines below)." if resumed else ""
         rec.state_note = (f"Finished: {rec.summary.get('global_step', done)} steps{of}; final weights in "
-                          f"model.safetensors.")
+                          f"model.safetensors.{again}")
         return
-    if rec.checkpoint and rec.checkpoint[1].startswith("preempted") and rec.checkpoint[0] >= done:
+    if rec.checkpoint and rec.checkpoint[1].startswith("preempted") and rec.checkpoint[0] >= rec.steps_logged:
         rec.state = PREEMPTED
-        rec.state_note = (f"Stopped by preemption ({rec.checkpoint[1]}) at step {rec.checkpoint[0]}{of}: what is "
-                          f"shown ends there. There are no final weights, so no confusion matrix. Resume with "
+        rec.state_note = (f"Stopped by preemption ({rec.checkpoint[1]}) at step {rec.checkpoint[0]}{of}, with a "
+                          f"checkpoint of that step; the curves end at the last step logged before it "
+                          f"({rec.steps_logged}). There are no final weights, so no confusion matrix. Resume with "
                           f"`phalanx train --resume {rec.path}`.")
         return
     rec.state = IN_PROGRESS
     ago = f", last written {_ago(time.time() - rec.last_write)} ago" if rec.last_write else ""
-    errors = [n for n in rec.notable if " ERROR " in f" {n} " or "stalled" in n or "stopped" in n]
+    errors = [n for n in rec.notable if " ERROR: " in n]
     why = f" The logs hold an error: {errors[-1]}" if errors else ""
+    shown = f"what it has logged so far (step {done}{of}{ago})" if rec.steps_logged else f"nothing is logged yet{ago}"
     rec.state_note = (f"Not finished: no summary.json or final weights yet. The run is still training, or it "
-                      f"stopped before its end. Shown: what it has logged so far (step {done}{of}{ago}).{why}")
+                      f"stopped before its end. Shown: {shown}.{why}")
 
 
 def read_run(run_dir: Path, label: str, color: str) -> RunRecord:
@@ -210,7 +248,7 @@ def read_run(run_dir: Path, label: str, color: str) -> RunRecord:
         raise ConfigError(f"{run_dir}: not a run directory (it has no metrics.jsonl, config.toml or logs/); "
                           f"give the folder `phalanx train` wrote")
     rec = RunRecord(run_dir, label, color)
-    rec.train, rec.evals, rec.skipped_lines = read_metrics(run_dir / "metrics.jsonl")
+    rec.train, rec.evals, rec.skipped_lines, rec.t0 = read_metrics(run_dir / "metrics.jsonl")
     if (run_dir / "metrics.jsonl").is_file():
         rec.last_write = (run_dir / "metrics.jsonl").stat().st_mtime
     cfg_path = run_dir / "config.toml"
@@ -255,6 +293,10 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
         rec.cm_note = f"The final weights cannot be loaded: {e}"
         return
     rec.classes = list(meta["classes"])
+    if rec.config.get("data.stream") is True:
+        rec.cm_note = ("This run streamed its images (data.stream); the report evaluates prepared stores only, so "
+                       "there is no confusion matrix (`phalanx eval` gives the accuracy).")
+        return
     store = run_store(rec.path)
     name = None if store is None else "test" if "test" in store.splits else "val" if "val" in store.splits else None
     if name is None:
@@ -270,8 +312,13 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
         return
     split = store[name]
     data = SplitOnDevice(split, torch.device("cpu"), resident=False)
-    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False)
-    flip, chunk = rec.config.get("tta_flip", True) is True, int(rec.config.get("eval_batch", 1000) or 1000)
+    channels_last = rec.config.get("model.channels_last", True) is True  # as the run evaluated (faster on CPU)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), channels_last)
+    eval_batch = rec.config.get("eval_batch")
+    chunk = int(eval_batch) if _number(eval_batch) and eval_batch >= 1 else 1000
+    flip = rec.config.get("tta_flip", True) is True
     n, k = len(split), meta["num_classes"]
     cm = np.zeros((k, k), dtype=np.int64)
     with torch.inference_mode():
@@ -339,7 +386,14 @@ def _overview_rows(runs: list[RunRecord]) -> list[list]:
 
     def mem(r):
         m = (r.summary or {}).get("memory_per_rank", {})
-        return f"{m['total_bytes'] / 2**20:.1f} MiB" if isinstance(m, dict) and _number(m.get("total_bytes")) else ""
+        if isinstance(m, dict) and _number(m.get("total_bytes")):
+            return f"{m['total_bytes'] / 2**20:.1f} MiB"
+        return f"{r.layout['memory_mib']} MiB" if "memory_mib" in r.layout else ""
+
+    def wall(r):
+        if _number((r.summary or {}).get("train_s")):
+            return _duration(r.summary["train_s"])
+        return f"{_duration(r.wall_so_far)} so far (to the last record)" if r.wall_so_far is not None else ""
 
     def per_step(r):
         s = r.summary or {}
@@ -365,7 +419,7 @@ def _overview_rows(runs: list[RunRecord]) -> list[list]:
         row("device", lambda r: r.layout.get("device", "")),
         row("threads per rank", lambda r: r.layout.get("threads", "")),
         row("global batch", lambda r: r.config.get("global_batch", r.layout.get("global_batch", ""))),
-        row("training wall time", lambda r: _duration((r.summary or {}).get("train_s"))),
+        row("training wall time", wall),
         row("wall time per step (evaluations included)", per_step),
         row("throughput (last epoch)",
             lambda r: f"{last_eval(r)['train_img_s']:,.0f} img/s" if _number(last_eval(r).get("train_img_s")) else ""),
@@ -571,7 +625,7 @@ def _throughput_note(runs: list[RunRecord]) -> str:
                    "only the overall img/s is shown.")
 
 
-REPORT_HELP = """usage: phalanx report RUN_DIR [RUN_DIR ...] [--out DIR]
+REPORT_HELP = """usage: phalanx report RUN_DIR [RUN_DIR ...] [--out DIR] [--no-eval]
 
 Plots (PNG) and one static HTML page of a run: training loss and test accuracy against step and
 wall time, test loss, learning rate, img/s (per rank where the logs hold it), the confusion matrix

@@ -78,7 +78,11 @@ def averaged_model(model: nn.Module, decay: float) -> AveragedModel:
     def update(ema_list, model_list, n_averaged):
         ema_fn(_local(ema_list), _local(model_list), n_averaged)
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    # Its update count stays on the host: AveragedModel branches on it (`n_averaged == 0`) at every update,
+    # which on a GPU would wait for the step to finish and on XLA would cut the traced step in two.
+    ema.n_averaged = ema.n_averaged.cpu()
+    return ema
 
 
 def optim_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict, source: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Where ranks run: one module per device kind (cpu.py, cuda.py; xla.py plugs in the same way),
+"""Where ranks run: one module per device kind (cpu.py, cuda.py, xla.py),
 process groups (dist.py) and the elastic launcher (launch.py).
 
 Only the accelerator modules name a device kind. Everything else asks `accelerator(...)` or
@@ -12,8 +12,9 @@ import torch
 from phalanx.runtime.base import Accelerator
 from phalanx.runtime.cpu import CPUAccelerator
 from phalanx.runtime.cuda import CUDAAccelerator
+from phalanx.runtime.xla import XLAAccelerator  # imports torch_xla only when used
 
-KINDS: dict[str, type[Accelerator]] = {"cuda": CUDAAccelerator, "cpu": CPUAccelerator}
+KINDS: dict[str, type[Accelerator]] = {"cuda": CUDAAccelerator, "xla": XLAAccelerator, "cpu": CPUAccelerator}
 """In the order `--device auto` tries them."""
 
 
@@ -25,7 +26,7 @@ def accelerator(pref: str = "auto") -> Accelerator:
         raise ValueError(f"device={pref!r}: choose one of auto, {', '.join(KINDS)}")
     cls = KINDS[pref]
     if not cls.is_available():
-        raise RuntimeError(f"device={pref} asked for, but torch sees no {pref.upper()} device")
+        raise cls.unavailable()
     return cls()
 
 
@@ -34,4 +35,4 @@ def of(device: torch.device) -> Accelerator:
     return KINDS[device.type]()
 
 
-__all__ = ["Accelerator", "CPUAccelerator", "CUDAAccelerator", "KINDS", "accelerator", "of"]
+__all__ = ["Accelerator", "CPUAccelerator", "CUDAAccelerator", "XLAAccelerator", "KINDS", "accelerator", "of"]

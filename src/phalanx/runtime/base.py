@@ -20,6 +20,11 @@ class Accelerator:
     def is_available(cls) -> bool:
         raise NotImplementedError
 
+    @classmethod
+    def unavailable(cls) -> Exception:
+        """The error for `--device KIND` where this kind is absent (one line: what is missing, how to get it)."""
+        return RuntimeError(f"device={cls.kind} asked for, but torch sees no {cls.kind.upper()} device")
+
     def device_count(self) -> int:
         """Devices on this node; 0 when ranks are not bound to devices (CPU)."""
         return 0
@@ -31,6 +36,18 @@ class Accelerator:
     def bind(self, local_rank: int) -> torch.device:
         """The device of this rank, made current."""
         raise NotImplementedError
+
+    # ---- the step (hooks a traced, lazily executed device needs; nothing to do on CPU and CUDA)
+    def step_barrier(self) -> None:
+        """End of one training step's work: a device that traces ops lazily (XLA) compiles and runs it here."""
+
+    def shard_batch(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch on this rank's device, spread over the devices the rank drives (dimension 0); `t` itself."""
+        return t
+
+    def compiled_graphs(self) -> int | None:
+        """Distinct graphs compiled so far, on a device that compiles them (XLA); None elsewhere."""
+        return None
 
     # ---- numerics
     def autocast_dtype(self, pref: str) -> torch.dtype | None:

@@ -339,6 +339,7 @@ _STATE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "config": ((dict,), "an object"),
     "reason": ((str,), "a string"),
     "format": ((str,), "a string"),
+    "budget_spent_s": ((int, float), "a number of seconds"),
 }
 _POSITION = ("epoch", "step", "global_step")
 

@@ -35,6 +35,9 @@ def finish(run, result: dict, train_s: float, weights: dict) -> None:
     summary = dict(result, run_dir=str(run_dir), global_step=state.position.global_step, world=run.env.world,
                    precision=state.precision.name, train_s=round(train_s, 2), strategy=state.strategy.name,
                    memory_per_rank=run.memory)
+    if run.budget is not None:  # the budget, the wall time predicted from the measured speed, and the real one
+        summary.update(budget_s=run.budget.seconds, predicted_s=run.predicted_s,
+                       actual_s=round(run.budget.spent(), 1))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
         from phalanx.observe.plots import plot_run

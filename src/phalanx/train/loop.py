@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from phalanx import config as C
 from phalanx import faults
 from phalanx.errors import ConfigError
 from phalanx.observe.console import Progress, TrainMeter
-from phalanx.parallel.collectives import barrier, ranks_holding
+from phalanx.parallel.collectives import barrier, broadcast_object, ranks_holding
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
@@ -49,7 +50,7 @@ def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> No
     through the store, and the ones that do not are named."""
     detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]
     timed_out = any(w in str(e).lower() for w in ("timed out", "timeout"))
-    silent = rdist.unanswered_ranks(env) if timed_out else []
+    silent = rdist.unanswered_ranks(env) if timed_out and env.distributed else []  # no store before init
     if silent is None and env.store_on_rank0 and env.rank != 0:
         silent, how = [0], "neither its collectives nor the store it hosts answered"
     else:
@@ -66,7 +67,8 @@ def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> No
     log.error(msg)  # rank 0's console and every rank's file
     if not env.is_main or not log.handlers:
         print(msg, file=sys.stderr, flush=True)
-    rdist.record_failure(env, msg)
+    if silent:  # the agent reports this rank as the failure: its report must name the stalled one
+        rdist.record_failure(env, msg)
     if not timed_out:
         # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
         # forked ranks are polled together (it checks every 0.5 s under `phalanx train --nproc`).
@@ -90,8 +92,8 @@ def fit(run: Run) -> dict:
                if cfg.log_samples else None)
     result: dict = {}
     try:
-        for epoch in range(state.position.epoch, cfg.epochs):
-            if state.position.global_step >= run.total_steps:
+        for epoch in itertools.count(state.position.epoch):  # to run.epochs, which a budget may move
+            if epoch >= run.epochs or state.position.global_step >= run.total_steps:
                 break
             state.model.train()
             t_epoch, imgs_epoch = time.perf_counter(), 0
@@ -152,6 +154,8 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
     if not run.memory:  # after this process's first step: the optimizer state exists now
         report_memory(run)
     faults.maybe("step", env.rank, pos.global_step)
+    if run.budget is not None:
+        follow_budget(run, progress)
     meter.step(cfg.global_batch)
     report_progress(run, meter, progress, epoch, cadence.log_every(run.steps_per_epoch))
     env.phase = f"agreeing on preemption at step {pos.global_step}"
@@ -167,12 +171,41 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
     return False
 
 
+BUDGET_EVERY = 5
+"""Optimizer steps between two estimates of the steps that fit in a budget (one small broadcast each)."""
+
+
+def follow_budget(run: Run, progress: Progress) -> None:
+    """Every few steps, rank 0 measures the speed and sets the step count that fits before the deadline;
+    every rank takes it (the loop, the LR schedule and the progress bar)."""
+    run.step_clock.tick()
+    pos = run.state.position
+    if pos.global_step % BUDGET_EVERY:
+        return
+    run.env.phase = f"estimating the steps that fit in the budget at step {pos.global_step}"
+    plan = None
+    step_s = run.step_clock.step_s()
+    if run.env.is_main and step_s is not None:
+        b, cfg = run.budget, run.cfg
+        reserve = b.reserve(len(run.test_data.split), cfg.tta_flip, cfg.global_batch / step_s)
+        total = b.total_steps(pos.global_step, step_s, reserve, cfg.max_steps or None, check_every=BUDGET_EVERY)
+        # when the run is predicted to end, counted from the command's start (earlier attempts included)
+        predicted = b.spent() + (total - pos.global_step) * step_s + reserve - b.MARGIN_FRAC * b.seconds
+        plan = (total, round(predicted, 1))
+    plan = broadcast_object(plan)
+    if plan is not None:
+        run.set_total_steps(plan[0])
+        run.predicted_s = plan[1]
+        progress.set_total(plan[0])
+
+
 def end_of_epoch(run: Run, epoch: int, epoch_img_s: float, timer: Timer) -> dict | None:
-    """Evaluate when due; after a whole epoch, move to the next and checkpoint. Returns the evaluation, if any."""
+    """Evaluate when due; after a whole epoch, move to the next and checkpoint. Returns the evaluation, if any.
+    Under a budget only the last epoch is evaluated: an evaluation would take time from training."""
     cfg, state = run.cfg, run.state
-    last = cadence.is_last_epoch(epoch, cfg.epochs, state.position.global_step, run.total_steps)
+    last = cadence.is_last_epoch(epoch, run.epochs, state.position.global_step, run.total_steps)
     res = None
-    if cadence.eval_due(epoch, cfg.eval_every, last):
+    if cadence.eval_due(epoch, cfg.eval_every if run.budget is None else run.epochs + 1, last):
         res = evaluate_now(run, epoch, epoch_img_s, time.perf_counter() - timer.start)
     if state.position.step >= run.steps_per_epoch:
         state.position = Position(epoch + 1, 0, state.position.global_step)
@@ -198,7 +231,7 @@ def report_progress(run: Run, meter: TrainMeter, progress: Progress, epoch: int,
     """The progress bar every step; the reduced training loss in metrics.jsonl every `every` steps."""
     pos, cfg = run.state.position, run.cfg
     if not cadence.log_due(pos.global_step, pos.step, run.steps_per_epoch, run.total_steps, every):
-        progress.update(epoch, cfg.epochs, None, meter.rate())
+        progress.update(epoch, run.epochs, None, meter.rate())
         return
     run.env.phase = f"reducing training metrics at step {pos.global_step}"
     loss, rate = meter.reduce()
@@ -209,7 +242,7 @@ def report_progress(run: Run, meter: TrainMeter, progress: Progress, epoch: int,
                           f"(or clip gradients: --optim.grad_clip 1)")
     run.metrics.write(event="train", epoch=epoch + 1, step=pos.global_step, loss=round(loss, 5),
                       lr=run.state.scheduler.get_last_lr()[0], img_s=round(rate, 1))
-    progress.update(epoch, cfg.epochs, loss, rate)
+    progress.update(epoch, run.epochs, loss, rate)
 
 
 def final_evaluation(run: Run, timer: Timer) -> dict:
@@ -241,11 +274,14 @@ def evaluate_now(run: Run, epoch: int, epoch_img_s: float | None, wall_s: float)
     peak = state.accel.peak_memory_mb(env.device)
     if peak is not None:  # this rank's peak, training and evaluation included
         res["peak_mem_mb"] = peak
+    graphs = state.accel.compiled_graphs()
+    if graphs is not None:  # XLA: distinct graphs compiled so far; constant once every kind of step has run
+        res["compiled_graphs"] = graphs
     check_ranks_hold_one_model(run, state.position.global_step)
     state.history.append(res)
     run.metrics.write(event="eval", **res)
     speed = f"{res['train_img_s']:,.0f} img/s  " if "train_img_s" in res else ""
-    run.log.info(f"epoch {epoch + 1}/{run.cfg.epochs}  test acc {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  "
+    run.log.info(f"epoch {epoch + 1}/{run.epochs}  test acc {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  "
                  f"{speed}({res['wall_s']:.1f} s)")
     return res
 
@@ -267,6 +303,8 @@ def save_checkpoint(run: Run, reason: str):
     env.phase = f"writing a checkpoint ({reason})"
     sd = state.state_dict()
     meta = dict(sd["state"], global_batch=run.cfg.global_batch, config=C.to_dict(run.cfg), reason=reason)
+    if run.budget is not None:  # a resume continues this budget
+        meta["budget_spent_s"] = round(run.budget.spent(), 3)
     root, step, keep = run.run_dir / "checkpoints", state.position.global_step, run.cfg.ckpt.keep
     path = None
     if state.strategy.sharded:

@@ -37,7 +37,10 @@ def lr_factor(cfg: C.ScheduleConfig, step: int, total: int, steps_per_epoch: int
     return cfg.final_frac + (1.0 - cfg.final_frac) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: C.ScheduleConfig, total_steps: int,
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: C.ScheduleConfig, total_steps: int | dict,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over `total_steps`: a number, or a dict {"total": n} whose value may change during the run
+    (a wall-clock budget lays the schedule over the steps that fit, as they are measured)."""
+    horizon = total_steps if isinstance(total_steps, dict) else {"total": total_steps}
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, s, max(1, total_steps), steps_per_epoch))
+        optimizer, lambda s: lr_factor(cfg, s, max(1, horizon["total"]), steps_per_epoch))

@@ -25,6 +25,7 @@ from phalanx.parallel.collectives import barrier, broadcast_object
 from phalanx.parallel.strategy import build_strategy
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
+from phalanx.train.budget import TUNED_RATE_ENV, Budget, StepClock, command_start, parse_duration
 from phalanx.train.precision import Precision
 from phalanx.train.schedule import build_optimizer, build_scheduler
 from phalanx.train.state import Position, TrainState
@@ -46,6 +47,21 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     memory: dict = field(default_factory=dict)   # bytes this rank holds for training (after its first step)
+    budget: Budget | None = None                 # --budget: the deadline, and the steps that fit before it
+    horizon: dict = field(default_factory=dict)  # {"total": steps} the LR schedule is laid over
+    step_clock: StepClock = field(default_factory=StepClock)   # seconds per step, for the budget
+    predicted_s: float | None = None             # the budget's latest estimate of the whole run's wall time
+
+    @property
+    def epochs(self) -> int:
+        """Epochs this run trains: --epochs, or under a budget as many as its steps reach."""
+        if self.budget is None:
+            return self.cfg.epochs
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def set_total_steps(self, total: int) -> None:
+        """Train to `total` steps (a budget's new estimate): the loop and the LR schedule both follow."""
+        self.total_steps = self.horizon["total"] = total
 
 
 def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
@@ -168,7 +184,18 @@ def check_data(cfg: C.Config, store) -> None:
                           f"{side - 1} for crop_pad and {side} for cutout")
 
 
-def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_steps: int,
+def first_estimate(budget: Budget, cfg: C.Config, eval_images: int, global_step: int = 0) -> int:
+    """Steps that fit in the budget at the speed the tuner measured (a synthetic batch: the loop corrects it
+    after a few real steps), or at a guess of 1,000 img/s when nothing was measured."""
+    try:
+        img_s = float(os.environ.get(TUNED_RATE_ENV, "")) or 1000.0
+    except ValueError:
+        img_s = 1000.0
+    return budget.total_steps(global_step, cfg.global_batch / img_s, budget.reserve(eval_images, cfg.tta_flip, img_s),
+                              cfg.max_steps or None)
+
+
+def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_steps: int | dict,
                 steps_per_epoch: int) -> TrainState:
     """Model (same initial weights on every rank), strategy, optimizer, schedule, precision, EMA."""
     h, w, c = store.shape
@@ -214,7 +241,11 @@ def resume(run: Run) -> None:
              f"written by {st.get('world')} ranks, now {env.world}")
     if pos.step >= run.steps_per_epoch:
         state.position = pos = Position(pos.epoch + 1, 0, pos.global_step)
-    if pos.global_step >= run.total_steps or pos.epoch >= cfg.epochs:
+    if run.budget is not None:  # the budget goes on where the checkpoint left it
+        run.budget.spent_before = float(st.get("budget_spent_s") or 0.0)
+        run.set_total_steps(broadcast_object(first_estimate(run.budget, cfg, len(run.test_data.split),
+                                                            pos.global_step)))
+    if pos.global_step >= run.total_steps or pos.epoch >= run.epochs:
         log.info(f"{found} is the end of this run ({pos.global_step} steps): nothing left to train; "
                  f"re-exporting its weights (raise --epochs, or use another --run_dir, to train more)")
 
@@ -241,10 +272,13 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
     env.phase = "preparing the data"
     store, loader, test_data, normalize, sampler = open_data(cfg, env, run_dir)
     steps_per_epoch = sampler.steps
-    total_steps = steps_per_epoch * cfg.epochs
+    budget = Budget(parse_duration(cfg.budget), command_start()) if cfg.budget else None
+    total_steps = (steps_per_epoch * cfg.epochs if budget is None else  # rank 0's clock decides for all
+                   broadcast_object(first_estimate(budget, cfg, len(test_data.split))))
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    state = build_state(cfg, env, store, normalize, total_steps, steps_per_epoch)
+    horizon = {"total": total_steps}
+    state = build_state(cfg, env, store, normalize, horizon, steps_per_epoch)
     h, w, c = store.shape
     n_params = sum(p.numel() for p in state.plain.parameters())
     log.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f} M params) | data {store.path.name} "
@@ -252,7 +286,7 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
              f"{env.threads} threads on {env.device} | precision {state.precision.name} | global batch "
              f"{cfg.global_batch} ({steps_per_epoch} steps/epoch)")
     run = Run(cfg, env, run_dir, log, MetricsWriter(run_dir / "metrics.jsonl" if env.is_main else None), store,
-              loader, test_data, normalize, state, steps_per_epoch, total_steps)
+              loader, test_data, normalize, state, steps_per_epoch, total_steps, budget=budget, horizon=horizon)
     resume(run)
     if env.is_main:  # only now: a refused resume (another model's run, a corrupt checkpoint) changes no file
         (run_dir / "config.toml").write_text(C.to_toml(cfg))

@@ -46,4 +46,5 @@ def train_step(state: TrainState, batch: Batch, accum: int, loss_scale: float, l
     loss_sum = forward_backward(state, batch, loss_scale, label_smoothing, sync=last)
     if last:
         optimizer_step(state, grad_clip)
+    state.accel.step_barrier()  # XLA: the traced micro-step becomes one graph here (no host read)
     return loss_sum, last

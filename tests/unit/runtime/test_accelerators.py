@@ -16,7 +16,7 @@ def test_a_missing_or_unknown_device_is_one_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device=cuda asked for, but torch sees no CUDA device"):
             runtime.accelerator("cuda")
-    with pytest.raises(ValueError, match="device='tpu': choose one of auto, cuda, cpu"):
+    with pytest.raises(ValueError, match="device='tpu': choose one of auto, cuda, xla, cpu"):
         runtime.accelerator("tpu")
 
 

@@ -14,7 +14,7 @@ from phalanx.runtime import stores
 from phalanx.runtime.dist import serve_process_group_store
 from phalanx.runtime.launch import bind_rendezvous, launcher_argv
 from tests.conftest import make_idx_dataset, run_phalanx
-from tests.sockets import is_loopback, listening_addresses
+from tests.sockets import listening_addresses
 
 
 def _listening_here(port: int) -> list[str]:
@@ -83,7 +83,6 @@ def test_one_node_rendezvous_and_process_group_stores_listen_on_loopback(monkeyp
     assert pg is not None
     for p in (server.port, pg.port):
         assert _listening_here(p) == ["127.0.0.1"]
-    assert all(is_loopback(a) for a, _ in listening_addresses([os.getpid()]))
 
 
 def test_answers_as_store_tells_a_store_from_another_program_and_from_nothing(silent_program):
@@ -108,7 +107,7 @@ def test_a_rendezvous_port_held_by_another_program_is_one_line_within_seconds(si
 def test_phalanx_train_with_a_held_rendezvous_port_exits_2_with_one_line(silent_program, tmp_path):
     data = make_idx_dataset(tmp_path / "idx", 64, 40)
     t0 = time.monotonic()
-    r = run_phalanx(["train", "--data", data, "--nproc", "2", "--parallel.rdzv_endpoint",
+    r = run_phalanx(["train", "--data", data, "--global_batch", "32", "--nproc", "2", "--parallel.rdzv_endpoint",
                      f"127.0.0.1:{silent_program.port}", "--run_dir", tmp_path / "run"], tmp_path / "cache",
                     timeout=120)
     elapsed = time.monotonic() - t0

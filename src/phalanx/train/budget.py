@@ -1,0 +1,104 @@
+"""Training to a wall-clock budget: `--budget 90s` sets the number of steps from the measured speed.
+
+    deadline = the command's start + budget - what earlier attempts of this run spent (a resume
+               continues the same budget, it does not get a new one)
+    reserve  = the final evaluation (its images over ~2.5x the training speed: forward only, with the
+               flip's second forward when TTA is on) + the export and summary + a margin
+    steps    = now + (deadline - now - reserve) / seconds per step, measured after a warm-up and
+               again every few seconds, with rank 0's clock: every rank gets the same number
+
+The learning-rate schedule (one-cycle, cosine) is laid over that number of steps; it is updated as the
+measurement is, so the schedule ends where the training does. Evaluations other than the final one
+are skipped: each would take time from training.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+
+START_ENV = "PHALANX_START_TIME"
+"""Wall-clock time (time.time()) the command started, set by the first `phalanx` process, inherited by ranks."""
+
+TUNED_RATE_ENV = "PHALANX_TUNED_IMG_S"
+"""img/s the tuner measured for this run, set by the launcher for the ranks: the budget's first estimate."""
+
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `90s`, `5m`, `1.5h` or a bare number of seconds; ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 90s, 5m or 2h")
+    seconds = float(m.group(1)) * UNITS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{text!r} must be a positive duration")
+    return seconds
+
+
+def command_start() -> float:
+    """When the command started: the launcher's time when this is a rank it started, else now (and
+    recorded for the processes this one starts)."""
+    try:
+        return float(os.environ[START_ENV])
+    except (KeyError, ValueError):
+        now = time.time()
+        os.environ[START_ENV] = repr(now)
+        return now
+
+
+class Budget:
+    """The deadline of a run and the arithmetic of how many steps fit before it."""
+
+    MARGIN_S = 1.0           # fixed part of the reserve: process exit, the last log lines
+    MARGIN_FRAC = 0.03       # and a share of the budget, for the noise of the speed measurement
+    FINISH_S = 2.0           # export, summary.json, curves.png
+
+    def __init__(self, seconds: float, start: float, spent_before: float = 0.0, clock=time.time):
+        self.seconds, self.start, self.spent_before, self.clock = seconds, start, spent_before, clock
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.seconds - self.spent_before
+
+    def spent(self) -> float:
+        """Seconds of the budget used so far, this attempt included: what a checkpoint records."""
+        return self.spent_before + (self.clock() - self.start)
+
+    def reserve(self, eval_images: int, tta: bool, train_img_s: float) -> float:
+        """Seconds kept for what follows the last step."""
+        eval_s = eval_images * (2 if tta else 1) / max(1e-9, 2.5 * train_img_s)
+        return eval_s + self.FINISH_S + self.MARGIN_S + self.MARGIN_FRAC * self.seconds
+
+    def total_steps(self, global_step: int, step_s: float, reserve_s: float, cap: int | None = None,
+                    check_every: int = 1) -> int:
+        """The step count to train to: what is done plus what fits before the deadline, at most `cap`.
+        While time is left it is at least `check_every` steps ahead, so that the next estimate (made every
+        `check_every` steps) can still correct one made from slow early steps; past the deadline it is
+        one more step, so that a run always makes progress and ends with an evaluation."""
+        left = self.deadline - self.clock() - reserve_s
+        fits = int(left / max(step_s, 1e-9))
+        total = global_step + (max(fits, check_every + 1) if left > 0 else 1)
+        return min(total, cap) if cap else total
+
+
+class StepClock:
+    """Seconds per optimizer step over the last `window` steps, measured after `warmup` steps of this
+    process (which pay for one-time costs: allocator, kernel selection, first copies)."""
+
+    def __init__(self, warmup: int = 3, window: int = 20, clock=time.perf_counter):
+        self.warmup, self.window, self.clock = warmup, window, clock
+        self.seen = 0
+        self.times: list[float] = []
+
+    def tick(self) -> None:
+        self.seen += 1
+        if self.seen >= self.warmup:
+            self.times = (self.times + [self.clock()])[-(self.window + 1):]
+
+    def step_s(self) -> float | None:
+        if len(self.times) < 3:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)

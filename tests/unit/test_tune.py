@@ -1,0 +1,111 @@
+"""The tuner's search, cache and questions with fake timings; one real (tiny) measurement."""
+import json
+
+import pytest
+
+from phalanx import tune
+from phalanx.config import Config
+from phalanx.tune import Choice, Question
+
+
+def _q(**kw):
+    base = dict(kind="cpu", cores=4, layouts=((1, 4), (2, 2), (4, 1)), precisions=("bf16", "fp32"),
+                memory_formats=(True, False), model=("phalanx_cnn", 8, "batch", "relu"), shape=(28, 28, 1),
+                num_classes=10, global_batch=256)
+    base.update(kw)
+    return Question(**base)
+
+
+def fake_rates(table):
+    calls = []
+
+    def measure(c: Choice) -> float:
+        calls.append(c)
+        speed = {(1, 4): 100.0, (2, 2): 150.0, (4, 1): 120.0}[(c.nproc, c.threads)]
+        speed *= 1.3 if c.precision == "bf16" and table.get("bf16_fast") else 0.9 if c.precision == "bf16" else 1.0
+        speed *= 1.1 if c.channels_last == table.get("cl_best", True) else 1.0
+        return speed
+
+    return measure, calls
+
+
+def test_search_picks_the_fastest_one_field_at_a_time():
+    measure, calls = fake_rates({"bf16_fast": False, "cl_best": False})
+    best, rates = tune.search(_q(), measure)
+    assert best == Choice(2, 2, "fp32", False)
+    assert len(calls) == len(set(calls)) == 3 + 1 + 1  # layouts, then the other precision, then the other format
+    assert rates[0] == (best, max(r for _, r in rates))
+
+
+def test_closed_question_measures_nothing():
+    q = _q(layouts=((2, 1),), precisions=("fp32",), memory_formats=(True,))
+    assert not q.open
+    measure, calls = fake_rates({})
+    assert tune.search(q, measure) == (Choice(2, 1, "fp32", True), []) and not calls
+
+
+def test_layouts_use_every_core_and_keep_32_images_per_rank():
+    assert tune.layouts_for(4, 512) == ((1, 4), (2, 2), (4, 1))
+    assert tune.layouts_for(6, 64) == ((1, 6), (2, 3))
+    assert tune.layouts_for(2, 16) == ((1, 2),)
+
+
+def test_decision_is_cached_per_question_and_refreshed_on_demand(tmp_path):
+    cache = tmp_path / "tune.json"
+    measure, calls = fake_rates({"bf16_fast": True})
+    first, rec = tune.decide(_q(), cache, measure)
+    assert not rec["cached"] and first == Choice(2, 2, "bf16", True) and len(calls) == 5
+    again, rec = tune.decide(_q(), cache, measure)
+    assert again == first and rec["cached"] and len(calls) == 5  # no new measurement
+    other, _ = tune.decide(_q(global_batch=512), cache, measure)  # another question: measured
+    assert len(calls) == 10 and len(json.loads(cache.read_text())) == 2
+    tune.decide(_q(), cache, measure, refresh=True)
+    assert len(calls) == 15
+    assert "cached" in tune.summary_line(again, dict(json.loads(cache.read_text())[tune.cache_key(_q())],
+                                                      cached=True))
+
+
+def test_a_damaged_cache_is_measured_again(tmp_path):
+    cache = tmp_path / "tune.json"
+    measure, calls = fake_rates({})
+    cache.write_text("{not json")
+    tune.decide(_q(), cache, measure)
+    assert len(calls) == 5
+    data = json.loads(cache.read_text())
+    data[tune.cache_key(_q())]["choice"] = {"nproc": "x", "bogus": 1}
+    cache.write_text(json.dumps(data))
+    tune.decide(_q(), cache, measure)
+    assert len(calls) == 10
+
+
+def test_question_follows_what_the_user_fixed(monkeypatch):
+    monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 4)
+    monkeypatch.setattr("phalanx.runtime.cpu.cpu_has_bf16", lambda: True)
+    cfg = Config()
+    cfg.device = "cpu"
+    q = tune.question_for(cfg, set(), (28, 28, 1), 10)
+    assert q.layouts == ((1, 4), (2, 2), (4, 1)) and q.precisions == ("bf16", "fp32") and q.memory_formats == (
+        True, False)
+    cfg.parallel.nproc, cfg.precision = "2", "fp32"
+    q = tune.question_for(cfg, {"model.channels_last"}, (28, 28, 1), 10)
+    assert q.layouts == ((2, 2),) and q.precisions == ("fp32",) and q.memory_formats == (True,) and not q.open
+
+
+def test_tune_run_applies_the_choice_to_the_config_and_the_ranks(monkeypatch, tmp_path):
+    monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 2)
+    monkeypatch.setattr("phalanx.runtime.cpu.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(tune, "measure_choice", lambda c, q, device=None: 100.0 + c.nproc + (not c.channels_last))
+    cfg = Config()
+    cfg.device = "cpu"
+    said = []
+    argv = tune.tune_run(cfg, set(), (28, 28, 1), 10, tmp_path / "tune.json", said.append)
+    assert argv == ["--parallel.threads_per_rank", "1", "--model.channels_last", "false"]
+    assert cfg.parallel.nproc == "2" and cfg.model.channels_last is False
+    assert len(said) == 1 and "2 ranks x 1 thread, fp32, contiguous" in said[0]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_real_measurement_of_a_tiny_model(nproc):
+    q = _q(cores=2, layouts=((nproc, 1),), model=("phalanx_cnn", 8, "batch", "relu"), global_batch=64)
+    rate = tune.measure_choice(Choice(nproc, 1, "fp32", True), q, min_seconds=0.05, max_steps=2)
+    assert rate > 0

@@ -1,0 +1,72 @@
+"""The budget arithmetic with a fake clock."""
+import pytest
+
+from phalanx.train.budget import Budget, StepClock, parse_duration
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("90", 90), ("5m", 300), ("1.5h", 5400), (" 2m ", 120)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0s", "-5m", "5 minutes", "1e400s", "abc", "5d"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+class FakeClock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def test_steps_fit_before_the_deadline_with_the_reserve():
+    clock = FakeClock()
+    b = Budget(90.0, start=clock.t, clock=clock)
+    clock.t += 10  # start-up: launcher, data, model
+    reserve = b.reserve(eval_images=10_000, tta=True, train_img_s=2000.0)
+    # final evaluation: 20,000 forwards at 5,000/s = 4 s; finish 2 s; margin 1 s + 3% of 90 s
+    assert reserve == pytest.approx(4 + 2 + 1 + 2.7)
+    total = b.total_steps(global_step=20, step_s=0.25, reserve_s=reserve)
+    assert total == 20 + int((90 - 10 - reserve) / 0.25)
+    # the run's clock if it trains exactly that: it ends its steps with the reserve left
+    assert clock.t + (total - 20) * 0.25 + reserve <= b.deadline + 1e-9
+    assert b.total_steps(20, 0.25, reserve, cap=100) == 100
+    # slow early steps (a warm-up) predict few steps: still enough for the next estimate to correct it
+    assert b.total_steps(20, 30.0, reserve, check_every=5) == 26
+
+
+def test_a_resumed_run_has_what_is_left_of_its_budget():
+    clock = FakeClock()
+    b = Budget(60.0, start=clock.t, spent_before=45.0, clock=clock)
+    assert b.deadline == clock.t + 15
+    clock.t += 5
+    assert b.spent() == 50
+    assert b.total_steps(100, 1.0, reserve_s=2.0) == 100 + 8
+
+
+def test_past_the_deadline_one_more_step_still_ends_the_run_with_an_evaluation():
+    clock = FakeClock()
+    b = Budget(10.0, start=clock.t, clock=clock)
+    clock.t += 30
+    assert b.total_steps(7, 0.5, reserve_s=1.0) == 8
+
+
+def test_step_clock_skips_the_warm_up_and_follows_recent_steps():
+    t = FakeClock(0.0)
+    sc = StepClock(warmup=3, window=4, clock=t)
+    for step_time in (5.0, 3.0, 1.0):  # slow first steps: not measured
+        t.t += step_time
+        sc.tick()
+    assert sc.step_s() is None
+    for _ in range(4):
+        t.t += 0.25
+        sc.tick()
+    assert sc.step_s() == pytest.approx(0.25)
+    for _ in range(4):  # the machine got busier: the last 4 steps count
+        t.t += 0.5
+        sc.tick()
+    assert sc.step_s() == pytest.approx(0.5)
