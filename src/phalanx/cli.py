@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -77,8 +78,12 @@ def _train_help() -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from phalanx.runtime.dist import is_worker
     from phalanx.train.budget import command_start
-    command_start()  # --budget counts from here; ranks started by this process inherit the time
+    if not is_worker():
+        command_start(new=True)  # --budget counts from here; the ranks this process starts inherit it
+        from phalanx.train.budget import TUNED_RATE_ENV
+        os.environ.pop(TUNED_RATE_ENV, None)  # set again below only by this command's own tuning
     pos, pairs, recipe, want_help = _split_args(argv)
     if want_help:
         print(_train_help())

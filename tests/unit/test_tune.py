@@ -80,6 +80,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path):
 
 def test_question_follows_what_the_user_fixed(monkeypatch):
     monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 4)
+    monkeypatch.setattr("phalanx.runtime.dist.usable_cores", lambda: 4)
     monkeypatch.setattr("phalanx.runtime.cpu.cpu_has_bf16", lambda: True)
     cfg = Config()
     cfg.device = "cpu"
@@ -92,6 +93,8 @@ def test_question_follows_what_the_user_fixed(monkeypatch):
 
 
 def test_tune_run_applies_the_choice_to_the_config_and_the_ranks(monkeypatch, tmp_path):
+    from phalanx.train.budget import TUNED_RATE_ENV
+    monkeypatch.setenv(TUNED_RATE_ENV, "")  # restored afterwards: tune_run sets it for the ranks it precedes
     monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 2)
     monkeypatch.setattr("phalanx.runtime.cpu.cpu_has_bf16", lambda: False)
     monkeypatch.setattr(tune, "measure_choice", lambda c, q, device=None: 100.0 + c.nproc + (not c.channels_last))
@@ -102,6 +105,8 @@ def test_tune_run_applies_the_choice_to_the_config_and_the_ranks(monkeypatch, tm
     assert argv == ["--parallel.threads_per_rank", "1", "--model.channels_last", "false"]
     assert cfg.parallel.nproc == "2" and cfg.model.channels_last is False
     assert len(said) == 1 and "2 ranks x 1 thread, fp32, contiguous" in said[0]
+    import os
+    assert float(os.environ[TUNED_RATE_ENV]) == 103.0
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -2,8 +2,8 @@
 
     deadline = the command's start + budget - what earlier attempts of this run spent (a resume
                continues the same budget, it does not get a new one)
-    reserve  = the final evaluation (its images over ~2.5x the training speed: forward only, with the
-               flip's second forward when TTA is on) + the export and summary + a margin
+    reserve  = the final evaluation (one evaluation chunk's forward is timed on every rank after the
+               warm-up, times the chunks per rank, twice with TTA) + the export and summary + a margin
     steps    = now + (deadline - now - reserve) / seconds per step, measured after a warm-up and
                again every few seconds, with rank 0's clock: every rank gets the same number
 
@@ -38,15 +38,17 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def command_start() -> float:
-    """When the command started: the launcher's time when this is a rank it started, else now (and
-    recorded for the processes this one starts)."""
-    try:
-        return float(os.environ[START_ENV])
-    except (KeyError, ValueError):
-        now = time.time()
-        os.environ[START_ENV] = repr(now)
-        return now
+def command_start(new: bool = False) -> float:
+    """When the command started. `new`: now, recorded for the processes this one starts (the launcher, or
+    a single-process run); else the time a launcher recorded (a rank it started), or now."""
+    if not new:
+        try:
+            return float(os.environ[START_ENV])
+        except (KeyError, ValueError):
+            pass
+    now = time.time()
+    os.environ[START_ENV] = repr(now)
+    return now
 
 
 class Budget:
@@ -67,9 +69,8 @@ class Budget:
         """Seconds of the budget used so far, this attempt included: what a checkpoint records."""
         return self.spent_before + (self.clock() - self.start)
 
-    def reserve(self, eval_images: int, tta: bool, train_img_s: float) -> float:
-        """Seconds kept for what follows the last step."""
-        eval_s = eval_images * (2 if tta else 1) / max(1e-9, 2.5 * train_img_s)
+    def reserve(self, eval_s: float) -> float:
+        """Seconds kept for what follows the last step: the final evaluation's `eval_s`, the finish, margins."""
         return eval_s + self.FINISH_S + self.MARGIN_S + self.MARGIN_FRAC * self.seconds
 
     def total_steps(self, global_step: int, step_s: float, reserve_s: float, cap: int | None = None,
@@ -82,6 +83,11 @@ class Budget:
         fits = int(left / max(step_s, 1e-9))
         total = global_step + (max(fits, check_every + 1) if left > 0 else 1)
         return min(total, cap) if cap else total
+
+
+def eval_seconds_guess(eval_images: int, tta: bool, train_img_s: float) -> float:
+    """The final evaluation before it was timed: forward only at ~2.5x the training speed (twice with TTA)."""
+    return eval_images * (2 if tta else 1) / max(1e-9, 2.5 * train_img_s)
 
 
 class StepClock:
@@ -97,6 +103,10 @@ class StepClock:
         self.seen += 1
         if self.seen >= self.warmup:
             self.times = (self.times + [self.clock()])[-(self.window + 1):]
+
+    def ready(self) -> bool:
+        """The warm-up is over: what runs now runs at its steady speed."""
+        return self.seen >= self.warmup
 
     def step_s(self) -> float | None:
         if len(self.times) < 3:

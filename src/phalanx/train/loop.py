@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from phalanx import config as C
 from phalanx import faults
 from phalanx.errors import ConfigError
@@ -24,6 +26,7 @@ from phalanx.parallel.collectives import barrier, broadcast_object, ranks_holdin
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
+from phalanx.train.budget import eval_seconds_guess
 from phalanx.train.evaluate import evaluate
 from phalanx.train.finish import finish
 from phalanx.train.setup import Run, setup
@@ -84,6 +87,13 @@ def _looks_like_peer_failure(e: BaseException) -> bool:
 
 def fit(run: Run) -> dict:
     """Train from the state's position to the end of the run (or a preemption); returns the last evaluation."""
+    try:
+        return train_to_end(run)
+    finally:
+        run.metrics.close()  # TensorBoard's files complete however the run ends
+
+
+def train_to_end(run: Run) -> dict:
     cfg, env, state = run.cfg, run.env, run.state
     preempt = cadence.Preemption()
     progress = Progress(run.total_steps, min(state.position.global_step, run.total_steps), cfg.progress and env.is_main)
@@ -116,7 +126,6 @@ def fit(run: Run) -> dict:
             result = end_of_epoch(run, epoch, imgs_epoch / max(time.perf_counter() - t_epoch, 1e-9), timer) or result
     finally:
         progress.close()
-        run.metrics.close()  # TensorBoard's files complete however the loop ends
         preempt.restore()
         if samples is not None:
             samples.close()
@@ -185,9 +194,12 @@ def follow_budget(run: Run, progress: Progress) -> None:
     run.env.phase = f"estimating the steps that fit in the budget at step {pos.global_step}"
     plan = None
     step_s = run.step_clock.step_s()
+    if run.eval_s is None and run.step_clock.ready():  # every rank at the same step (a sharded forward is collective)
+        run.eval_s = time_evaluation(run)
     if run.env.is_main and step_s is not None:
         b, cfg = run.budget, run.cfg
-        reserve = b.reserve(len(run.test_data.split), cfg.tta_flip, cfg.global_batch / step_s)
+        reserve = b.reserve(run.eval_s if run.eval_s is not None else
+                            eval_seconds_guess(len(run.test_data.split), cfg.tta_flip, cfg.global_batch / step_s))
         total = b.total_steps(pos.global_step, step_s, reserve, cfg.max_steps or None, check_every=BUDGET_EVERY)
         # when the run is predicted to end, counted from the command's start (earlier attempts included)
         predicted = b.spent() + (total - pos.global_step) * step_s + reserve - b.MARGIN_FRAC * b.seconds
@@ -197,6 +209,30 @@ def follow_budget(run: Run, progress: Progress) -> None:
         run.set_total_steps(plan[0])
         run.predicted_s = plan[1]
         progress.set_total(plan[0])
+
+
+@torch.no_grad()
+def time_evaluation(run: Run) -> float:
+    """Seconds the final evaluation will take on this rank: one evaluation chunk's forward timed (the second of
+    two: the first builds the kernels), times this rank's chunks, twice with TTA."""
+    from phalanx.data.loader import eval_chunks, to_nchw
+    state, cfg, env = run.state, run.cfg, run.env
+    n = len(run.test_data.split)
+    x, _ = run.test_data.gather(torch.arange(0, min(cfg.eval_batch, n)))
+    x = run.normalize(to_nchw(x))
+    model = state.eval_model
+    was_training = model.training
+    model.eval()
+    with state.precision.autocast():
+        model(x)
+        state.accel.synchronize(env.device)
+        t0 = time.perf_counter()
+        model(x)
+        state.accel.synchronize(env.device)
+        chunk_s = time.perf_counter() - t0
+    model.train(was_training)
+    per_rank = max(len(eval_chunks(n, cfg.eval_batch, env.world, r)) for r in range(env.world))
+    return chunk_s * per_rank * (2 if cfg.tta_flip else 1)
 
 
 def end_of_epoch(run: Run, epoch: int, epoch_img_s: float, timer: Timer) -> dict | None:

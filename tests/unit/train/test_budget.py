@@ -1,7 +1,7 @@
 """The budget arithmetic with a fake clock."""
 import pytest
 
-from phalanx.train.budget import Budget, StepClock, parse_duration
+from phalanx.train.budget import Budget, StepClock, eval_seconds_guess, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("90", 90), ("5m", 300), ("1.5h", 5400), (" 2m ", 120)])
@@ -27,9 +27,10 @@ def test_steps_fit_before_the_deadline_with_the_reserve():
     clock = FakeClock()
     b = Budget(90.0, start=clock.t, clock=clock)
     clock.t += 10  # start-up: launcher, data, model
-    reserve = b.reserve(eval_images=10_000, tta=True, train_img_s=2000.0)
-    # final evaluation: 20,000 forwards at 5,000/s = 4 s; finish 2 s; margin 1 s + 3% of 90 s
-    assert reserve == pytest.approx(4 + 2 + 1 + 2.7)
+    # before it is timed, the final evaluation is 20,000 forwards at 2.5 x 2,000 img/s = 4 s
+    assert eval_seconds_guess(eval_images=10_000, tta=True, train_img_s=2000.0) == pytest.approx(4.0)
+    reserve = b.reserve(4.0)
+    assert reserve == pytest.approx(4 + 2 + 1 + 2.7)  # evaluation, finish 2 s, margin 1 s + 3% of 90 s
     total = b.total_steps(global_step=20, step_s=0.25, reserve_s=reserve)
     assert total == 20 + int((90 - 10 - reserve) / 0.25)
     # the run's clock if it trains exactly that: it ends its steps with the reserve left
