@@ -286,6 +286,10 @@ class Config:
              "--device xla runs one process per host, whose XLA devices share each batch; use --nproc 1 (or auto)")
         need(self.device != "xla" or p.nnodes == 1, "parallel.nnodes",
              "--device xla needs no rendezvous: run the same command on every host of the TPU slice")
+        need(self.device != "xla" or p.strategy == "ddp", "parallel.strategy",
+             "--device xla replicates the parameters over its SPMD mesh; use --parallel.strategy ddp")
+        need(self.device != "xla" or not self.model.compile, "model.compile",
+             "--device xla compiles every step's graph already (PyTorch/XLA); leave --model.compile false")
         need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")
         need(p.threads_per_rank >= 0, "parallel.threads_per_rank", "must be >= 0")
         days30 = f"must be in (0, {MAX_TIMEOUT_S}] seconds (30 days)"

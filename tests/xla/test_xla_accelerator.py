@@ -56,3 +56,30 @@ def test_rng_state_round_trip_and_a_cpu_state_loads(xla):
     acc.set_rng_state(st)
     assert torch.equal(torch.rand(3, device=device).cpu(), a)
     acc.set_rng_state({"torch": torch.get_rng_state()})  # written on CPU: no XLA generator state
+
+
+def test_batches_sent_from_the_host_by_the_loader_thread_equal_resident_ones(xla, tmp_path):
+    """Data too large to keep on the device is gathered and sent by a background thread (MpDeviceLoader's
+    job), two batches ahead: the augmented batches equal those gathered from a resident copy and on CPU."""
+    from phalanx.config import AugmentConfig
+    from phalanx.data.augment import Normalize
+    from phalanx.data.loader import TrainLoader
+    from phalanx.data.sampler import GlobalSampler
+    from phalanx.data.sources import open_on_node
+    from tests.conftest import make_idx_dataset
+
+    acc, device = xla
+    store = open_on_node(str(make_idx_dataset(tmp_path / "idx", 96, 8)), str(tmp_path / "cache"), False, 0, 0, 0)
+    split = store["train"]
+    sampler = GlobalSampler(len(split), 32, 0, 1, 0, 1)
+    got = {}
+    for name, dev, resident in (("cpu", torch.device("cpu"), False), ("resident", device, True),
+                                ("sent", device, False)):
+        loader = TrainLoader(split, sampler, AugmentConfig(cutout=4), Normalize(store.mean, store.std, dev, True),
+                             dev, 0, prefetch=True, resident=resident)
+        assert loader.prefetch == (name == "sent")
+        got[name] = [(b.x.cpu(), b.y.cpu()) for b in loader.epoch(0)]
+    assert len(got["cpu"]) == 3
+    for name in ("resident", "sent"):
+        for (xc, yc), (x, y) in zip(got["cpu"], got[name]):
+            assert torch.equal(yc, y) and torch.allclose(xc, x, atol=1e-6), name

@@ -38,7 +38,9 @@ def test_the_step_hooks_do_nothing_on_cpu():
 
 
 @pytest.mark.parametrize("flag, value, field", [("parallel.nproc", "2", "parallel.nproc"),
-                                                ("parallel.nnodes", "2", "parallel.nnodes")])
-def test_xla_runs_one_process_per_host(flag, value, field):
+                                                ("parallel.nnodes", "2", "parallel.nnodes"),
+                                                ("parallel.strategy", "fsdp", "parallel.strategy"),
+                                                ("model.compile", "true", "model.compile")])
+def test_xla_runs_one_spmd_process_per_host_and_refuses_what_does_not_fit(flag, value, field):
     with pytest.raises(ConfigError, match=f"{field}=.*--device xla"):
         C.build_config(None, [("device", "xla"), (flag, value)])
