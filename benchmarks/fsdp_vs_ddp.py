@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,22 +29,9 @@ def cpu_model() -> str:
 
 
 def run(model: str, strategy: str, nproc: int, steps: int, batch: int, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "phalanx", "train", "--nproc", str(nproc), "--model.name", model,
-               "--parallel.strategy", strategy, "--epochs", "1", "--max_steps", str(steps), "--global_batch",
-               str(batch), "--progress", "false", "--ckpt.at_epoch_end", "false", "--run_dir", str(run_dir), *extra]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if r.returncode != 0:
-            raise RuntimeError(f"{model} {strategy} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rates = [x["img_s"] for x in rows if x["event"] == "train"]
-        rates = rates[1:] or rates
-        summary = json.loads((run_dir / "summary.json").read_text())
-    return {"model": model, "strategy": strategy, "nproc": nproc, "img_s": round(sum(rates) / len(rates), 1),
-            "memory_per_rank": summary["memory_per_rank"], "acc": summary.get("acc"), "wall_s": round(wall, 1)}
+    from phalanx.bench import train_rate
+    r = train_rate(nproc, 1, steps, batch, ["--model.name", model, "--parallel.strategy", strategy, *extra])
+    return dict(r, model=model, strategy=strategy)
 
 
 def main() -> int:

@@ -33,8 +33,9 @@ def train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [x["img_s"] for x in rows if x["event"] == "train"]
         rates = rates[1:] or rates  # the first window includes warm-up
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         return {"nproc": nproc, "threads": threads, "img_s": round(sum(rates) / max(1, len(rates)), 1),
-                "wall_s": round(wall, 1)}
+                "wall_s": round(wall, 1), "acc": summary.get("acc"), "memory_per_rank": summary.get("memory_per_rank")}
 
 
 def scaling(argv: list[str]) -> int:
