@@ -128,9 +128,12 @@ def search(q: Question, measure: Measure) -> tuple[Choice, list[tuple[Choice, fl
 # ----------------------------------------------------------------------------- one measurement
 
 def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: int = 8,
-                   device: torch.device | None = None) -> float:
+                   device: torch.device | None = None, phases: dict | None = None) -> float:
     """img/s of `c`: `c.nproc` threads train copies of the model on their part of a synthetic global
-    batch, all-reducing gradients through an in-process gloo group (see the module docstring)."""
+    batch, all-reducing gradients through an in-process gloo group (see the module docstring).
+    `phases`, when given, receives rank 0's mean seconds per step of forward + backward ("compute_s"),
+    of the gradient all-reduce ("comm_s", not overlapped with backward here, unlike DDP), of the
+    optimizer ("optim_s"), and the bytes all-reduced per step ("grad_bytes")."""
     from phalanx.models import build_model
     device = device or torch.device("cpu")
     h, w, ch = q.shape
@@ -150,26 +153,42 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
             x = torch.randn(per_rank, ch, h, w, device=device).contiguous(memory_format=fmt)
             y = torch.randint(0, q.num_classes, (per_rank,), device=device)
 
+            split = {"compute_s": 0.0, "comm_s": 0.0, "optim_s": 0.0, "grad_bytes": 0}
+
+            def sync() -> float:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return time.perf_counter()
+
             def step() -> None:
+                t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     out = net(x)
                 F.cross_entropy(out.float(), y).backward()
+                t1 = sync()
                 if groups is not None:  # as DDP: one all-reduce of the flattened gradients
                     flat = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])
                     groups[r].allreduce([flat]).wait()
+                    split["grad_bytes"] = flat.numel() * flat.element_size()
+                t2 = sync()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                t3 = sync()
+                split["compute_s"] += t1 - t0
+                split["comm_s"] += t2 - t1
+                split["optim_s"] += t3 - t2
 
             for _ in range(2):  # warm-up: allocator, oneDNN primitives, cuDNN choices
                 step()
+            split.update(compute_s=0.0, comm_s=0.0, optim_s=0.0)
             start.wait()
             t0, steps = time.perf_counter(), 0
             while steps < max_steps and (steps < 2 or time.perf_counter() - t0 < min_seconds):
                 step()
                 steps += 1
             times[r] = (time.perf_counter() - t0) / steps
+            if r == 0 and phases is not None:
+                phases.update({k: v / steps if k.endswith("_s") else v for k, v in split.items()})
         except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
             errors.append(e)
             start.abort()

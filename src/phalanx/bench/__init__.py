@@ -2,6 +2,9 @@
 
     phalanx bench scaling [--max-world N] [--steps S] [--global_batch B] [--json FILE]
     phalanx bench flops   [--model NAME] [--batch B] [--precision auto|bf16|fp32]
+    phalanx bench step    [--nproc N] [--model NAME] [--width W] [--global_batch B]   compute vs communication
+    phalanx bench loader  [--data D] [--global_batch B] [--steps S]                    input pipeline img/s
+    phalanx bench all     [--out DIR]     all of the above: one JSON, one table, one PNG (bench.png)
 
 Each prints a table and one JSON object (last line of stdout).
 """
@@ -161,12 +164,160 @@ def flops(argv: list[str]) -> int:
     return 0
 
 
+def step_split(nproc: int, model: str = "phalanx_cnn", width: int = 32, global_batch: int = 512,
+               shape: tuple[int, int, int] = (28, 28, 1), precision: str = "fp32") -> dict:
+    """Seconds per step of compute (forward + backward), gradient all-reduce and optimizer, for `nproc` ranks
+    of one thread each, measured in this process (phalanx.tune: threads for ranks, a real gloo group)."""
+    from phalanx.tune import Choice, Question, measure_choice
+    q = Question("cpu", nproc, ((nproc, 1),), (precision,), (True,), (model, width, "batch", "relu"), shape, 10,
+                 global_batch)
+    phases: dict = {}
+    img_s = measure_choice(Choice(nproc, 1, precision, True), q, min_seconds=1.0, max_steps=20, phases=phases)
+    comm = phases["comm_s"]
+    return {"nproc": nproc, "model": model, "img_s": round(img_s, 1),
+            "compute_ms": round(1e3 * phases["compute_s"], 2), "allreduce_ms": round(1e3 * comm, 2),
+            "optimizer_ms": round(1e3 * phases["optim_s"], 2), "grad_mb": round(phases["grad_bytes"] / 2**20, 3),
+            "bus_gb_s": round(2 * (nproc - 1) / nproc * phases["grad_bytes"] / comm / 1e9, 3) if nproc > 1 else None,
+            "comm_fraction": round(comm / (phases["compute_s"] + comm + phases["optim_s"]), 4)}
+
+
+def step(argv: list[str]) -> int:
+    from phalanx.runtime.cpu import usable_cores
+    p = argparse.ArgumentParser(prog="phalanx bench step", description="The split of a training step into compute, "
+                                "gradient all-reduce and optimizer, for 1..N single-thread ranks (on CPU).")
+    p.add_argument("--nproc", type=int, default=usable_cores(), help="largest number of ranks")
+    p.add_argument("--model", default="phalanx_cnn")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--global_batch", type=int, default=512)
+    a = p.parse_args(argv)
+    rows = [step_split(n, a.model, a.width, a.global_batch) for n in range(1, a.nproc + 1)]
+    print(_step_table(rows))
+    print(json.dumps({"step_split": rows, "torch": torch.__version__}))
+    return 0
+
+
+def _step_table(rows: list[dict]) -> str:
+    lines = [f"{'ranks':>5} {'img/s':>8} {'compute ms':>10} {'all-reduce ms':>13} {'optimizer ms':>12} "
+             f"{'grad MB':>8} {'bus GB/s':>8} {'comm %':>6}"]
+    for r in rows:
+        bus = f"{r['bus_gb_s']:.2f}" if r["bus_gb_s"] is not None else "-"
+        lines.append(f"{r['nproc']:>5} {r['img_s']:>8,.0f} {r['compute_ms']:>10.1f} {r['allreduce_ms']:>13.2f} "
+                     f"{r['optimizer_ms']:>12.2f} {r['grad_mb']:>8.2f} {bus:>8} {100 * r['comm_fraction']:>5.1f}%")
+    return "\n".join(lines)
+
+
+def loader_rate(data: str = "fashion_mnist", global_batch: int = 512, steps: int = 40) -> dict:
+    """img/s of one rank's input pipeline alone (gather from the memory-mapped store, augment, normalise),
+    on this process's threads, on the CPU."""
+    from phalanx.config import AugmentConfig
+    from phalanx.data.augment import Normalize
+    from phalanx.data.loader import TrainLoader
+    from phalanx.data.sampler import GlobalSampler
+    from phalanx.data.sources import load_store
+    store = load_store(data)
+    split = store["train"]
+    sampler = GlobalSampler(len(split), global_batch, 0, 1, 0, 1)
+    loader = TrainLoader(split, sampler, AugmentConfig(), Normalize(store.mean, store.std, torch.device("cpu"), True),
+                         torch.device("cpu"), 0, prefetch=False)
+    n, t0 = 0, None
+    for i, batch in enumerate(loader.epoch(0)):
+        if i == 2:  # after the first batches: page cache and allocator warm
+            t0, n = time.perf_counter(), 0
+        n += len(batch.y)
+        if i >= steps + 2:
+            break
+    return {"data": data, "global_batch": global_batch, "threads": torch.get_num_threads(),
+            "img_s": round(n / (time.perf_counter() - t0), 1)}
+
+
+def loader(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="phalanx bench loader", description="img/s of the input pipeline alone.")
+    p.add_argument("--data", default="fashion_mnist")
+    p.add_argument("--global_batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=40)
+    a = p.parse_args(argv)
+    out = loader_rate(a.data, a.global_batch, a.steps)
+    print(f"loader: {out['img_s']:,.0f} img/s ({a.data}, batch {a.global_batch}, {out['threads']} thread(s))")
+    print(json.dumps(out))
+    return 0
+
+
+def everything(argv: list[str]) -> int:
+    """Scaling, step split, loader and FLOPs in one run: one JSON, one table, one PNG."""
+    import contextlib
+    import io
+
+    from phalanx.runtime.cpu import usable_cores
+    p = argparse.ArgumentParser(prog="phalanx bench all", description="every benchmark: JSON, table and bench.png")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and bench.png")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per scaling measurement")
+    a = p.parse_args(argv)
+    cores = usable_cores()
+    scaling_rows = [train_rate(n, max(1, cores // n), a.steps, 512, []) for n in range(1, cores + 1)]
+    split_rows = [step_split(n) for n in range(1, cores + 1)]
+    load = loader_rate()
+    flops_out = io.StringIO()
+    with contextlib.redirect_stdout(flops_out):
+        flops(["--width", "32", "--batch", "256"])
+    fl = json.loads(flops_out.getvalue().strip().splitlines()[-1])
+    out = {"cores": cores, "torch": torch.__version__, "scaling": scaling_rows, "step_split": split_rows,
+           "loader": load, "flops": fl, "date": time.strftime("%Y-%m-%d")}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "bench.json").write_text(json.dumps(out, indent=1))
+    print(f"{'world':>5} {'threads':>7} {'train img/s':>11}")
+    for r in scaling_rows:
+        print(f"{r['nproc']:>5} {r['threads']:>7} {r['img_s']:>11,.0f}")
+    print(_step_table(split_rows))
+    print(f"loader alone: {load['img_s']:,.0f} img/s; {fl['flops_per_image_train'] / 1e6:.1f} MFLOP per training "
+          f"image, {100 * fl['fraction_of_peak']:.1f}% of the measured matmul peak")
+    try:
+        plot(out, a.out / "bench.png")
+        print(f"plot: {a.out / 'bench.png'}")
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install matplotlib)")
+    print(json.dumps(out))
+    return 0
+
+
+def plot(out: dict, path: Path) -> None:
+    """Three panels: training img/s against world size (with the loader's img/s for scale), the step split
+    against world size, and the achieved FLOP/s against the matmul peak."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    sc = out["scaling"]
+    ax[0].plot([r["nproc"] for r in sc], [r["img_s"] for r in sc], "o-", label="training")
+    ax[0].axhline(out["loader"]["img_s"], color="gray", ls="--", label="loader alone (1 rank)")
+    ax[0].set(xlabel="ranks (cores split among them)", ylabel="img/s", title="throughput against world size")
+    ax[0].set_xticks([r["nproc"] for r in sc])
+    ax[0].legend()
+    sp = out["step_split"]
+    xs = [r["nproc"] for r in sp]
+    bottom = [0.0] * len(sp)
+    for key, label in (("compute_ms", "forward + backward"), ("allreduce_ms", "gradient all-reduce"),
+                       ("optimizer_ms", "optimizer")):
+        vals = [r[key] for r in sp]
+        ax[1].bar(xs, vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax[1].set(xlabel="single-thread ranks", ylabel="ms per step (rank 0)", title="where a step goes")
+    ax[1].set_xticks(xs)
+    ax[1].legend()
+    fl = out["flops"]
+    ax[2].bar(["achieved (training)", "matmul peak"], [fl["achieved_flop_s"] / 1e9, fl["matmul_peak_flop_s"] / 1e9])
+    ax[2].set(ylabel="GFLOP/s", title=f"{fl['model']}: {100 * fl['fraction_of_peak']:.0f}% of peak")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def cli(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    sub = {"scaling": scaling, "flops": flops}.get(argv[0])
+    sub = {"scaling": scaling, "flops": flops, "step": step, "loader": loader, "all": everything}.get(argv[0])
     if sub is None:
-        print(f"phalanx: error: unknown benchmark {argv[0]!r}; choose scaling or flops", file=sys.stderr)
+        print(f"phalanx: error: unknown benchmark {argv[0]!r}; choose scaling, flops, step, loader or all",
+              file=sys.stderr)
         return 2
     return sub(argv[1:])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from typing import Iterator
 
 import torch
@@ -38,6 +39,15 @@ INSTALL = ("pip install 'phalanx[xla]' in an environment of its own (it pins tor
 
 def has_torch_xla() -> bool:
     return importlib.util.find_spec("torch_xla") is not None
+
+
+# torch_xla's import sets PJRT_DEVICE=CPU where it finds no TPU: what the user named is read before that.
+_PJRT_DEVICE_AT_START = os.environ.get("PJRT_DEVICE", "")
+
+
+def named_device() -> str:
+    """PJRT_DEVICE as the user set it (TPU, CPU...), or ''."""
+    return _PJRT_DEVICE_AT_START if "torch_xla" in sys.modules else os.environ.get("PJRT_DEVICE", "")
 
 
 def tpu_chips() -> int:
@@ -75,7 +85,7 @@ class XLAAccelerator(Accelerator):
     @classmethod
     def is_available(cls) -> bool:
         """torch_xla is installed and a device is named (PJRT_DEVICE, e.g. CPU for tests) or a TPU is present."""
-        return has_torch_xla() and (bool(os.environ.get("PJRT_DEVICE")) or tpu_chips() > 0)
+        return has_torch_xla() and (bool(named_device()) or tpu_chips() > 0)
 
     @classmethod
     def unavailable(cls) -> Exception:
@@ -127,14 +137,14 @@ class XLAAccelerator(Accelerator):
     # ---- state
     def rng_state(self) -> dict:
         import torch_xla.core.xla_model as xm
-        seed = torch.tensor([xm.get_rng_state()], dtype=torch.int64)
-        return {"torch": torch.get_rng_state(), "xla": seed.view(torch.uint8)}
+        seed = xm.get_rng_state().to_bytes(8, "little")  # the XLA generator's state: one unsigned 64-bit seed
+        return {"torch": torch.get_rng_state(), "xla": torch.frombuffer(bytearray(seed), dtype=torch.uint8)}
 
     def set_rng_state(self, state: dict) -> None:
         super().set_rng_state(state)
         if "xla" in state:  # absent from a CPU or GPU checkpoint
             import torch_xla.core.xla_model as xm
-            xm.set_rng_state(int(state["xla"].view(torch.int64)[0]))
+            xm.set_rng_state(int.from_bytes(bytes(state["xla"].tolist()), "little"))
 
     def peak_memory_mb(self, device: torch.device) -> float | None:
         import torch_xla.core.xla_model as xm
