@@ -27,10 +27,11 @@ def fsync_path(path: Path) -> None:
 
 
 def plain_file_name(name) -> bool:
-    """True for a file name that stays inside its folder (no separator, not '.', '..' or empty) and
-    that the file system can encode. Store manifests and checkpoint markers list only such names."""
+    """True for a file name that stays inside its folder (no separator, not '.', '..' or empty), that
+    has no control characters (a name that would break a one-line message) and that the file system
+    can encode. Store manifests and checkpoint markers list only such names."""
     if not (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
-            and not {"/", "\\", "\0"} & set(name)):
+            and not {"/", "\\", "\0"} & set(name) and name.isprintable()):
         return False
     try:
         os.fsencode(name)

@@ -248,7 +248,7 @@ def verify(ckpt: Path) -> dict:
             raise CheckpointError(f"{mpath}: lists {f!r}, which is not a plain file name inside {ckpt}; refusing "
                                   f"to read it (the marker was modified after it was written)")
         if not isinstance(digest, str):
-            raise CheckpointError(f"{mpath}: the sha256 of {f} must be a string, found {show(digest)}")
+            raise CheckpointError(f"{mpath}: the sha256 of {f!r} must be a string, found {show(digest)}")
         p = ckpt / f
         if p.is_symlink():  # a checkpoint holds only the files `save` wrote, never links elsewhere
             raise CheckpointError(f"{p}: a symbolic link, listed in {MARKER}; a checkpoint holds plain files only")
