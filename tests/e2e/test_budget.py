@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import run_phalanx
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # a 20 s budget is 20 s of the suite
 
 
 def test_budget_sets_the_steps_and_lays_the_schedule_over_them(cache_dir, small_idx, tmp_path):

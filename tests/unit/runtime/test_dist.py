@@ -26,6 +26,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 5)
 """
 
 
+@pytest.mark.slow  # ~15 s of training steps
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_stops_page_faults_in_training_steps():
     # Minor page faults per training step of the house CNN, in a fresh process each: with glibc's

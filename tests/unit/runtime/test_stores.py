@@ -104,6 +104,7 @@ def test_a_rendezvous_port_held_by_another_program_is_one_line_within_seconds(si
         bind_rendezvous(_torchrun_args(pcfg), pcfg)
 
 
+@pytest.mark.slow  # a whole `phalanx train` start; the probe itself is tested above in seconds
 def test_phalanx_train_with_a_held_rendezvous_port_exits_2_with_one_line(silent_program, tmp_path):
     data = make_idx_dataset(tmp_path / "idx", 64, 40)
     t0 = time.monotonic()
