@@ -289,7 +289,8 @@ def plot(out: dict, path: Path) -> None:
     sc = out["scaling"]
     ax[0].plot([r["nproc"] for r in sc], [r["img_s"] for r in sc], "o-", label="training")
     ax[0].axhline(out["loader"]["img_s"], color="gray", ls="--", label="loader alone (1 rank)")
-    ax[0].set(xlabel="ranks (cores split among them)", ylabel="img/s", title="throughput against world size")
+    ax[0].set_yscale("log")  # the loader alone is often 10-100x the training: both stay readable
+    ax[0].set(xlabel="ranks (cores split among them)", ylabel="img/s (log scale)", title="throughput against world size")
     ax[0].set_xticks([r["nproc"] for r in sc])
     ax[0].legend()
     sp = out["step_split"]
