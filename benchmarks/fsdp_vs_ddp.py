@@ -10,22 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run(model: str, strategy: str, nproc: int, steps: int, batch: int, extra: list[str]) -> dict:
@@ -49,6 +37,7 @@ def main() -> int:
         fsdp["memory_ratio"] = round(fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"], 3)
         fsdp["step_time_ratio"] = round(ddp["img_s"] / fsdp["img_s"], 3)
         rows += [ddp, fsdp]
+    from phalanx.runtime.cpu import cpu_model
     out = {"cpu": cpu_model(), "torch": torch.__version__, "nproc": a.nproc, "global_batch": a.global_batch,
            "steps": a.steps, "rows": rows, "date": time.strftime("%Y-%m-%d")}
     print(f"{'model':<12} {'strategy':<8} {'img/s':>8} {'MiB/rank':>9} {'memory vs ddp':>13} {'step time vs ddp':>16}")

@@ -224,98 +224,120 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every value; raise ConfigError naming the field and how to fix it."""
-        from phalanx.data.imageio import max_pixels, too_many_pixels  # late: these import torch
-        from phalanx.models import MODELS
-        from phalanx.runtime.cpu import max_processes
 
         def need(ok: bool, key: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"{key}={get_key(self, key)!r}: {msg}")
 
-        need(self.epochs >= 1, "epochs", "must be >= 1 (to evaluate saved weights: `phalanx eval RUN_DIR`)")
-        need(self.global_batch >= 1, "global_batch", "must be >= 1")
-        need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
-        need(self.global_batch % self.grad_accum == 0, "grad_accum", "must divide global_batch")
-        need(self.eval_batch >= 1, "eval_batch", "must be >= 1")
-        need(self.eval_every >= 1, "eval_every", "must be >= 1")
-        need(self.max_steps >= 0, "max_steps", "must be >= 0")
-        if self.budget:
-            from phalanx.train.budget import parse_duration
-            try:
-                parse_duration(self.budget)
-            except ValueError as e:
-                need(False, "budget", f"{e}")
-        need(0.0 <= self.ema < 1.0, "ema", "must be in [0, 1)")
-        need(self.model.name in MODELS, "model.name",
-             f"unknown model{_did_you_mean(self.model.name, MODELS)}; choose one of {', '.join(sorted(MODELS))}")
-        need(1 <= self.model.width <= 1024, "model.width", "must be in 1..1024")
-        o = self.optim
-        # Upper bounds far above any useful value, and below what a float32 optimizer step can hold.
-        need(0 < o.lr <= 1000, "optim.lr", "must be a positive number up to 1000, e.g. --optim.lr=0.1")
-        need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
-        need(0 <= o.weight_decay <= 1000, "optim.weight_decay", "must be in [0, 1000]")
-        need(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)")
-        need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-        s = self.sched
-        need(0.0 <= s.warmup < 1.0, "sched.warmup", "must be in [0, 1)")
-        need(0.0 <= s.final_frac <= 1.0, "sched.final_frac", "must be in [0, 1]")
-        need(0.0 < s.gamma <= 1.0, "sched.gamma", "must be in (0, 1]")
-        need(s.step_epochs >= 1, "sched.step_epochs", "must be >= 1")
-        d = self.data
-        need(d.size >= 0, "data.size", "must be >= 0 (0: choose from the images)")
-        need(not too_many_pixels((d.size, d.size)), "data.size", f"a {d.size}x{d.size} image has more pixels than "
-             f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
-        need(d.channels in (0, 1, 3), "data.channels", "must be 1 (grayscale), 3 (RGB) or 0 (choose)")
-        need(d.stream_workers >= 0, "data.stream_workers", "must be >= 0 (0: one per core of this rank)")
-        need(not d.stream or d.size >= 1, "data.size", "--data.stream needs the image side, e.g. --data.size 64")
-        a = self.augment
-        need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
-        need(a.cutout >= 0, "augment.cutout", "must be >= 0")
-        p = self.parallel
-        # isdecimal, not isdigit: int() refuses digits such as '²'; 19+ digits are out of range below.
-        need(p.nproc == "auto" or (p.nproc.isdecimal() and (len(p.nproc) > 18 or int(p.nproc) >= 1)),
-             "parallel.nproc", "must be a positive number or 'auto'")
-        most = max_processes()
-        need(p.nproc == "auto" or (len(p.nproc) <= 18 and int(p.nproc) <= most), "parallel.nproc",
-             f"more ranks than this node can usefully run (at most {most}); use --nproc auto")
-        need(p.threads_per_rank <= most, "parallel.threads_per_rank", f"must be at most {most} (0: cores / ranks)")
-        need(self.data.stream_workers <= most, "data.stream_workers", f"must be at most {most} (0: cores / ranks)")
-        need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
-        # XLA: one process per host drives all its devices (SPMD); a pod's hosts each run the same command.
-        need(self.device != "xla" or p.nproc in ("auto", "1"), "parallel.nproc",
-             "--device xla runs one process per host, whose XLA devices share each batch; use --nproc 1 (or auto)")
-        need(self.device != "xla" or p.nnodes == 1, "parallel.nnodes",
-             "--device xla needs no rendezvous: run the same command on every host of the TPU slice")
-        need(self.device != "xla" or p.strategy == "ddp", "parallel.strategy",
-             "--device xla replicates the parameters over its SPMD mesh; use --parallel.strategy ddp")
-        need(self.device != "xla" or not self.model.compile, "model.compile",
-             "--device xla compiles every step's graph already (PyTorch/XLA); leave --model.compile false")
-        need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")
-        need(p.threads_per_rank >= 0, "parallel.threads_per_rank", "must be >= 0")
-        days30 = f"must be in (0, {MAX_TIMEOUT_S}] seconds (30 days)"
-        need(0 < p.init_timeout_s <= MAX_TIMEOUT_S, "parallel.init_timeout_s", days30)
-        need(0 < p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s", days30)
-        need(0 < p.bucket_mb <= 2 ** 20, "parallel.bucket_mb", "must be in (0, 1048576] MiB")
-        need(p.shard_size >= 0, "parallel.shard_size", "must be >= 0 (0: shard over all ranks)")
-        need(p.shard_size == 0 or p.strategy == "fsdp", "parallel.shard_size", "needs --parallel.strategy fsdp")
-        c = self.ckpt
-        need(c.every_steps >= 0, "ckpt.every_steps", "must be >= 0")
-        need(c.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0")
-        need(c.keep >= 1, "ckpt.keep", "must be >= 1")
-        from phalanx.observe.sinks import tensorboard_installed
-        need(self.log.tensorboard != "true" or tensorboard_installed(), "log.tensorboard",
-             "tensorboard is not installed: pip install tensorboard (or --log.tensorboard auto)")
-        for info in fields_of():  # what the checks above leave: values the libraries below cannot hold
-            v = get_key(self, info.key)
-            if isinstance(v, int) and not isinstance(v, bool):
-                need(-2 ** 63 <= v < 2 ** 63, info.key, "is out of range (at most 2**63-1)")
-            elif isinstance(v, float):
-                need(math.isfinite(v), info.key, "must be a finite number")
-            elif isinstance(v, str):  # config.toml, read back by `phalanx eval`, holds neither
-                bad = next((ch for ch in v if ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) < 0xE000), None)
-                need(bad is None, info.key, f"holds the character {bad!r}: control characters and bytes that are "
-                                            f"not UTF-8 cannot be kept in the run's config.toml")
+        for check in (_check_run, _check_model_and_optim, _check_data, _check_parallel, _check_limits):
+            check(self, need)
         return self
+
+
+def _check_run(cfg: Config, need) -> None:
+    """Epochs, batches, evaluation, steps, budget, EMA."""
+    need(cfg.epochs >= 1, "epochs", "must be >= 1 (to evaluate saved weights: `phalanx eval RUN_DIR`)")
+    need(cfg.global_batch >= 1, "global_batch", "must be >= 1")
+    need(cfg.grad_accum >= 1, "grad_accum", "must be >= 1")
+    need(cfg.global_batch % cfg.grad_accum == 0, "grad_accum", "must divide global_batch")
+    need(cfg.eval_batch >= 1, "eval_batch", "must be >= 1")
+    need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    need(cfg.max_steps >= 0, "max_steps", "must be >= 0")
+    if cfg.budget:
+        from phalanx.train.budget import parse_duration
+        try:
+            parse_duration(cfg.budget)
+        except ValueError as e:
+            need(False, "budget", f"{e}")
+    need(0.0 <= cfg.ema < 1.0, "ema", "must be in [0, 1)")
+
+
+def _check_model_and_optim(cfg: Config, need) -> None:
+    """The model, the optimizer and the schedule."""
+    from phalanx.models import MODELS  # late: models import torch
+    need(cfg.model.name in MODELS, "model.name",
+         f"unknown model{_did_you_mean(cfg.model.name, MODELS)}; choose one of {', '.join(sorted(MODELS))}")
+    need(1 <= cfg.model.width <= 1024, "model.width", "must be in 1..1024")
+    o = cfg.optim
+    # Upper bounds far above any useful value, and below what a float32 optimizer step can hold.
+    need(0 < o.lr <= 1000, "optim.lr", "must be a positive number up to 1000, e.g. --optim.lr=0.1")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+    need(0 <= o.weight_decay <= 1000, "optim.weight_decay", "must be in [0, 1000]")
+    need(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)")
+    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    s = cfg.sched
+    need(0.0 <= s.warmup < 1.0, "sched.warmup", "must be in [0, 1)")
+    need(0.0 <= s.final_frac <= 1.0, "sched.final_frac", "must be in [0, 1]")
+    need(0.0 < s.gamma <= 1.0, "sched.gamma", "must be in (0, 1]")
+    need(s.step_epochs >= 1, "sched.step_epochs", "must be >= 1")
+
+
+def _check_data(cfg: Config, need) -> None:
+    """The data and its augmentation."""
+    from phalanx.data.imageio import max_pixels, too_many_pixels  # late: imports torch
+    d = cfg.data
+    need(d.size >= 0, "data.size", "must be >= 0 (0: choose from the images)")
+    need(not too_many_pixels((d.size, d.size)), "data.size", f"a {d.size}x{d.size} image has more pixels than "
+         f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
+    need(d.channels in (0, 1, 3), "data.channels", "must be 1 (grayscale), 3 (RGB) or 0 (choose)")
+    need(d.stream_workers >= 0, "data.stream_workers", "must be >= 0 (0: one per core of this rank)")
+    need(not d.stream or d.size >= 1, "data.size", "--data.stream needs the image side, e.g. --data.size 64")
+    a = cfg.augment
+    need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
+    need(a.cutout >= 0, "augment.cutout", "must be >= 0")
+
+
+def _check_parallel(cfg: Config, need) -> None:
+    """Ranks, threads, nodes, devices, timeouts, sharding; and checkpoints."""
+    from phalanx.runtime.cpu import max_processes  # late: imports torch
+    p = cfg.parallel
+    # isdecimal, not isdigit: int() refuses digits such as '²'; 19+ digits are out of range below.
+    need(p.nproc == "auto" or (p.nproc.isdecimal() and (len(p.nproc) > 18 or int(p.nproc) >= 1)),
+         "parallel.nproc", "must be a positive number or 'auto'")
+    most = max_processes()
+    need(p.nproc == "auto" or (len(p.nproc) <= 18 and int(p.nproc) <= most), "parallel.nproc",
+         f"more ranks than this node can usefully run (at most {most}); use --nproc auto")
+    need(p.threads_per_rank <= most, "parallel.threads_per_rank", f"must be at most {most} (0: cores / ranks)")
+    need(cfg.data.stream_workers <= most, "data.stream_workers", f"must be at most {most} (0: cores / ranks)")
+    need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
+    # XLA: one process per host drives all its devices (SPMD); a pod's hosts each run the same command.
+    need(cfg.device != "xla" or p.nproc in ("auto", "1"), "parallel.nproc",
+         "--device xla runs one process per host, whose XLA devices share each batch; use --nproc 1 (or auto)")
+    need(cfg.device != "xla" or p.nnodes == 1, "parallel.nnodes",
+         "--device xla needs no rendezvous: run the same command on every host of the TPU slice")
+    need(cfg.device != "xla" or p.strategy == "ddp", "parallel.strategy",
+         "--device xla replicates the parameters over its SPMD mesh; use --parallel.strategy ddp")
+    need(cfg.device != "xla" or not cfg.model.compile, "model.compile",
+         "--device xla compiles every step's graph already (PyTorch/XLA); leave --model.compile false")
+    need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")
+    need(p.threads_per_rank >= 0, "parallel.threads_per_rank", "must be >= 0")
+    days30 = f"must be in (0, {MAX_TIMEOUT_S}] seconds (30 days)"
+    need(0 < p.init_timeout_s <= MAX_TIMEOUT_S, "parallel.init_timeout_s", days30)
+    need(0 < p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s", days30)
+    need(0 < p.bucket_mb <= 2 ** 20, "parallel.bucket_mb", "must be in (0, 1048576] MiB")
+    need(p.shard_size >= 0, "parallel.shard_size", "must be >= 0 (0: shard over all ranks)")
+    need(p.shard_size == 0 or p.strategy == "fsdp", "parallel.shard_size", "needs --parallel.strategy fsdp")
+    c = cfg.ckpt
+    need(c.every_steps >= 0, "ckpt.every_steps", "must be >= 0")
+    need(c.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0")
+    need(c.keep >= 1, "ckpt.keep", "must be >= 1")
+
+
+def _check_limits(cfg: Config, need) -> None:
+    """TensorBoard when asked; then what every field must be for the libraries that take it."""
+    from phalanx.observe.sinks import tensorboard_installed
+    need(cfg.log.tensorboard != "true" or tensorboard_installed(), "log.tensorboard",
+         "tensorboard is not installed: pip install tensorboard (or --log.tensorboard auto)")
+    for info in fields_of():  # what the checks above leave: values the libraries below cannot hold
+        v = get_key(cfg, info.key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            need(-2 ** 63 <= v < 2 ** 63, info.key, "is out of range (at most 2**63-1)")
+        elif isinstance(v, float):
+            need(math.isfinite(v), info.key, "must be a finite number")
+        elif isinstance(v, str):  # config.toml, read back by `phalanx eval`, holds neither
+            bad = next((ch for ch in v if ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) < 0xE000), None)
+            need(bad is None, info.key, f"holds the character {bad!r}: control characters and bytes that are "
+                                        f"not UTF-8 cannot be kept in the run's config.toml")
 
 
 # ----------------------------------------------------------------------------- field metadata

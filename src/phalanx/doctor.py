@@ -99,18 +99,17 @@ def versions() -> dict:
 
 
 def cpu_info() -> dict:
-    from phalanx.runtime.cpu import usable_cores
-    model, flags = None, set()
+    from phalanx.runtime.cpu import cpu_model, usable_cores
+    flags: set = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
+            if key.strip() == "flags":
                 flags = set(value.split())
+                break
     except OSError:  # not Linux: the ISA stays unknown
         pass
-    model = model or platform.processor() or platform.machine()
+    model = cpu_model()
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # pragma: no cover - older torch

@@ -24,7 +24,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -76,15 +75,8 @@ def layouts_for(cores: int, global_batch: int) -> tuple[tuple[int, int], ...]:
 
 def machine() -> str:
     """The CPU model and usable cores, or the GPU's name: what a measurement holds for."""
-    from phalanx.runtime.cpu import usable_cores
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from phalanx.runtime.cpu import cpu_model, usable_cores
+    cpu = cpu_model()
     gpu = ""
     if torch.cuda.is_available():
         gpu = f", {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,18 @@ def max_processes() -> int:
         return limit
     # A child costs its parent a few descriptors (pipes, a sentinel); 4 each leaves room for everything else.
     return limit if soft == resource.RLIM_INFINITY else max(1, min(limit, soft // 4))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), what every measured figure is stated with."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_has_bf16() -> bool:

@@ -105,11 +105,9 @@ def save(ckpt_root: Path, global_step: int, model_sd: dict, optim_sd: dict, stat
     """
     ckpt_root = Path(ckpt_root)
     try:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = start_write(ckpt_root, global_step)
     except OSError as e:
         raise _write_error(ckpt_root, e) from None
-    remove_stale_writes(ckpt_root)
-    tmp = ckpt_root / f".step-{global_step:08d}.tmp-{os.getpid()}"
     try:
         return _save(ckpt_root, tmp, global_step, model_sd, optim_sd, state, ema_sd, keep, rank)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
@@ -130,11 +128,20 @@ def _write_error(ckpt_root: Path, e: OSError | SafetensorError) -> CheckpointErr
                            f"writable and its file system has room")
 
 
-def _save(ckpt_root: Path, tmp: Path, global_step: int, model_sd: dict, optim_sd: dict, state: dict,
-          ema_sd: dict | None, keep: int, rank: int) -> Path:
+def start_write(ckpt_root: Path, global_step: int) -> Path:
+    """The empty temporary folder a write of `global_step` fills (this process's, named by its pid),
+    after removing other writers' leftovers, whose space a full disk may need. OSError if it cannot."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(ckpt_root)
+    tmp = ckpt_root / f".step-{global_step:08d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def _save(ckpt_root: Path, tmp: Path, global_step: int, model_sd: dict, optim_sd: dict, state: dict,
+          ema_sd: dict | None, keep: int, rank: int) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors")
     faults.maybe("ckpt_write", rank, global_step)  # tests: a kill between two files of a write
     opt_tensors: dict[str, torch.Tensor] = {}

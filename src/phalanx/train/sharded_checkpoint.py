@@ -17,7 +17,6 @@ file cannot run code (the `.distcp` files hold tensors, read by DCP with weights
 """
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -53,12 +52,7 @@ def save(ckpt_root: Path, global_step: int, model_sd: dict, optim_sd: dict, stat
     tmp, err = None, None
     if rank == 0:
         try:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_writes(ckpt_root)
-            tmp = ckpt_root / f".step-{global_step:08d}.tmp-{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            tmp = ckpt.start_write(ckpt_root, global_step)
         except OSError as e:
             err = str(ckpt._write_error(ckpt_root, e))
     tmp, err = broadcast_object((tmp, err))
