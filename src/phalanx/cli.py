@@ -67,6 +67,11 @@ def _split_args(argv: list[str]) -> tuple[list[str], list[tuple[str, str]], str 
     return pos, pairs, recipe, want_help
 
 
+def _explicit_keys(pairs: list[tuple[str, str]], recipe: str | None) -> set[str]:
+    """The fields the user set (command line, or a recipe the user named): the tuner leaves them alone."""
+    return {C.canonical_key(k) for k, _ in pairs} | (C.recipe_keys(C.resolve_recipe(recipe)) if recipe else set())
+
+
 def _fail(msg: str) -> int:
     print(f"phalanx: error: {msg}", file=sys.stderr)
     return 2
@@ -110,7 +115,7 @@ def cmd_train(argv: list[str]) -> int:
         check_data(cfg, store)
         if cfg.tune:  # what `auto` leaves open, measured here (or cached) and handed to every rank
             from phalanx.tune import tune_run
-            explicit = {C.canonical_key(k) for k, _ in pairs} | (C.recipe_keys(C.resolve_recipe(recipe)) if recipe else set())
+            explicit = _explicit_keys(pairs, recipe)
             argv = list(argv) + tune_run(cfg, explicit, store.shape, len(store.classes),
                                          cache_dir(cfg.data.cache_dir) / "tune.json")
     return _run_or_launch("train", cfg, argv)
@@ -274,7 +279,7 @@ def cmd_tune(argv: list[str]) -> int:
     cfg = C.build_config(recipe, pairs)
     store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
                          cfg.data.channels)
-    explicit = {C.canonical_key(k) for k, _ in pairs} | (C.recipe_keys(C.resolve_recipe(recipe)) if recipe else set())
+    explicit = _explicit_keys(pairs, recipe)
     q = tune.question_for(cfg, explicit, store.shape, len(store.classes))
     if q is None or not q.open:
         print("phalanx tune: nothing to measure: these options leave no choice to `auto` on this machine")

@@ -24,6 +24,9 @@ START_ENV = "PHALANX_START_TIME"
 TUNED_RATE_ENV = "PHALANX_TUNED_IMG_S"
 """img/s the tuner measured for this run, set by the launcher for the ranks: the budget's first estimate."""
 
+BUDGET_EVERY = 5
+"""Optimizer steps between two estimates of the steps that fit in a budget (one small broadcast each)."""
+
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 

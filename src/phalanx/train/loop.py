@@ -26,7 +26,7 @@ from phalanx.parallel.collectives import barrier, broadcast_object, ranks_holdin
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
-from phalanx.train.budget import eval_seconds_guess
+from phalanx.train.budget import BUDGET_EVERY, eval_seconds_guess
 from phalanx.train.evaluate import evaluate
 from phalanx.train.finish import finish
 from phalanx.train.setup import Run, setup
@@ -178,10 +178,6 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
         save_checkpoint(run, "periodic")
         timer.checkpointed()
     return False
-
-
-BUDGET_EVERY = 5
-"""Optimizer steps between two estimates of the steps that fit in a budget (one small broadcast each)."""
 
 
 def follow_budget(run: Run, progress: Progress) -> None:

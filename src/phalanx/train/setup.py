@@ -25,7 +25,15 @@ from phalanx.parallel.collectives import barrier, broadcast_object
 from phalanx.parallel.strategy import build_strategy
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
-from phalanx.train.budget import TUNED_RATE_ENV, Budget, StepClock, command_start, eval_seconds_guess, parse_duration
+from phalanx.train.budget import (
+    BUDGET_EVERY,
+    TUNED_RATE_ENV,
+    Budget,
+    StepClock,
+    command_start,
+    eval_seconds_guess,
+    parse_duration,
+)
 from phalanx.train.precision import Precision
 from phalanx.train.schedule import build_optimizer, build_scheduler
 from phalanx.train.state import Position, TrainState
@@ -192,7 +200,6 @@ def first_estimate(budget: Budget, cfg: C.Config, eval_images: int, global_step:
         img_s = float(os.environ.get(TUNED_RATE_ENV, "")) or 1000.0
     except ValueError:
         img_s = 1000.0
-    from phalanx.train.loop import BUDGET_EVERY
     reserve = budget.reserve(eval_seconds_guess(eval_images, cfg.tta_flip, img_s))
     return budget.total_steps(global_step, cfg.global_batch / img_s, reserve, cfg.max_steps or None,
                               check_every=BUDGET_EVERY)
