@@ -5,7 +5,7 @@
     phalanx predict RUN_DIR|WEIGHTS IMAGE|FOLDER...   classify image files: top-k table, CSV or JSON
     phalanx export RUN_DIR --format torchscript|onnx|safetensors   a deployable model, checked
     phalanx data prepare SRC OUT [--size N] ...       build a prepared store
-    phalanx models                                    list the model registry
+    phalanx models [PATTERN]                          house, torchvision and timm models (matching PATTERN)
     phalanx bench scaling|flops [...]                 throughput benchmarks
     phalanx doctor [--json] [--backend gloo|nccl]     check this machine before a long run
     phalanx report RUN_DIR [RUN_DIR ...] [--out DIR]  plots and one HTML page of runs (several: compared)
@@ -116,9 +116,15 @@ def cmd_train(argv: list[str]) -> int:
         if cfg.tune:  # what `auto` leaves open, measured here (or cached) and handed to every rank
             from phalanx.tune import tune_run
             explicit = _explicit_keys(pairs, recipe)
-            argv = list(argv) + tune_run(cfg, explicit, store.shape, len(store.classes),
+            argv = list(argv) + tune_run(cfg, explicit, model_input_shape(cfg, store.shape), len(store.classes),
                                          cache_dir(cfg.data.cache_dir) / "tune.json")
     return _run_or_launch("train", cfg, argv)
+
+
+def model_input_shape(cfg: C.Config, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(h, w, c) of what the model sees: the augment.crop_size crop of the stored images when set."""
+    side = cfg.augment.crop_size
+    return (side, side, shape[2]) if side else tuple(shape)
 
 
 def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None = None) -> int:
@@ -126,6 +132,12 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
     from phalanx.runtime.launch import launch, resolve_nproc
 
     nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum)
+    if sub == "train" and not penv.is_worker() and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
+        from phalanx.data.mix import mix_layout_error
+        from phalanx.errors import ConfigError
+        # Here, once, rather than from every rank (each would print it inside the elastic agent's report).
+        if why_not := mix_layout_error(cfg.global_batch, cfg.grad_accum, nproc * cfg.parallel.nnodes):
+            raise ConfigError(why_not)
     if penv.is_worker() or (nproc == 1 and cfg.parallel.nnodes == 1):
         if sub == "train":
             from phalanx.train.loop import train
@@ -164,10 +176,22 @@ def cmd_eval(argv: list[str]) -> int:
     return _run_or_launch("eval", cfg, argv, target=target)
 
 
+MODELS_HELP = """usage: phalanx models [PATTERN]
+
+Without PATTERN: the house models and a curated list of torchvision's, with their parameters (10 classes,
+3 channels, 32x32 images, --model.width 32), and what timm offers when it is installed.
+With PATTERN (a wildcard such as '*convnext*' or 'resnet5*'): every torchvision and timm model name matching it.
+Any torchvision classification model works by name (--model.name resnet50); timm's as --model.name timm:NAME."""
+
+
 def cmd_models(argv: list[str]) -> int:
-    from phalanx.models import DESCRIPTIONS
-    for name, desc in DESCRIPTIONS.items():
-        print(f"{name:22s} {desc}")
+    pos, pairs, _, want_help = _split_args(argv)
+    if want_help or pairs or len(pos) > 1:
+        print(MODELS_HELP)
+        return 0 if want_help else 2
+    from phalanx.models import listing
+    for line in listing(pos[0] if pos else ""):
+        print(line)
     return 0
 
 
@@ -280,7 +304,7 @@ def cmd_tune(argv: list[str]) -> int:
     store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
                          cfg.data.channels)
     explicit = _explicit_keys(pairs, recipe)
-    q = tune.question_for(cfg, explicit, store.shape, len(store.classes))
+    q = tune.question_for(cfg, explicit, model_input_shape(cfg, store.shape), len(store.classes))
     if q is None or not q.open:
         print("phalanx tune: nothing to measure: these options leave no choice to `auto` on this machine")
         return 0

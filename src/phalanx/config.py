@@ -53,7 +53,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "phalanx_cnn"
-    """Model from the registry (`phalanx models` lists them)."""
+    """A house CNN, any torchvision classification model (resnet50) or timm:NAME with timm (`phalanx models`)."""
+    small_input: bool = False
+    """For 32x32-class images: a 3x3 stride-1 stem, no max-pool, instead of the ImageNet stem (ResNets and more)."""
+    zero_init_residual: bool = False
+    """Start each residual block's last norm at zero (torchvision ResNets; timm's zero_init_last, on there)."""
+    pretrained: str = ""
+    """Local .safetensors weights to start from (a head of another class count is re-initialised; no downloads)."""
     width: int = 32
     """Base channel width of the house CNNs (ignored by fixed-width models)."""
     norm: Literal["batch", "group", "none"] = "batch"
@@ -66,6 +72,8 @@ class ModelConfig:
     """Use channels-last memory format (faster convolutions on CPU and tensor cores)."""
     compile: bool = False
     """Wrap the model in torch.compile (pays off on long GPU runs; slow to start on CPU)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode with --model.compile (reduce-overhead: CUDA graphs; max-autotune: slower start, faster)."""
 
 
 @dataclass
@@ -108,6 +116,22 @@ class AugmentConfig:
     """Random horizontal flip."""
     cutout: int = 0
     """Side of a random square zeroed in each image (0: off)."""
+    crop_size: int = 0
+    """Side of the images the model sees in training and evaluation (0: the store's side, no resizing)."""
+    rrc: bool = False
+    """RandomResizedCrop to crop_size: boxes of random area and ratio per image (needs crop_size; replaces crop_pad)."""
+    rrc_min_scale: float = 0.08
+    """Smallest area of a RandomResizedCrop box, as a fraction of the image (torchvision's 0.08)."""
+    eval_crop: float = 0.875
+    """Evaluation: resize so that the centre crop of this fraction of the side is crop_size, then crop it."""
+    trivial_augment: bool = False
+    """TrivialAugmentWide-style: one random op (geometric or colour) of random strength per image, on the device."""
+    erase: float = 0.0
+    """Random erasing: probability that a box (2-33% of the area, fill 0 after normalisation) is erased per image."""
+    mixup: float = 0.0
+    """Mixup: Beta(alpha, alpha) of the blend of each pair of images (2i, 2i+1) of the global batch (0: off)."""
+    cutmix: float = 0.0
+    """CutMix: Beta(alpha, alpha) of the kept area of each pair (2i, 2i+1); with mixup, each batch picks one (0: off)."""
 
 
 @dataclass
@@ -192,6 +216,8 @@ class Config:
     """Evaluate on each image and its mirror image and average the logits."""
     deterministic: bool = False
     """Use deterministic algorithms (bit-reproducible runs on CPU)."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions use TensorFloat-32 tensor cores (false: full fp32)."""
     device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
     """Device to train on (auto: CUDA, else a TPU through PyTorch/XLA, else CPU; xla: one process per host, SPMD)."""
     out_dir: str = "runs"
@@ -254,9 +280,14 @@ def _check_run(cfg: Config, need) -> None:
 
 def _check_model_and_optim(cfg: Config, need) -> None:
     """The model, the optimizer and the schedule."""
-    from phalanx.models import MODELS  # late: models import torch
-    need(cfg.model.name in MODELS, "model.name",
-         f"unknown model{_did_you_mean(cfg.model.name, MODELS)}; choose one of {', '.join(sorted(MODELS))}")
+    from phalanx.models import model_refusal, option_refusal  # late: models import torch
+    why = model_refusal(cfg.model.name)
+    need(why is None, "model.name", str(why))
+    refused = option_refusal(cfg.model.name, cfg.model.small_input, cfg.model.zero_init_residual)
+    if refused is not None:  # (field, why)
+        need(False, *refused)
+    need(not cfg.model.pretrained or Path(cfg.model.pretrained).expanduser().is_file(), "model.pretrained",
+         "no such file (give a local .safetensors file; nothing is downloaded)")
     need(1 <= cfg.model.width <= 1024, "model.width", "must be in 1..1024")
     o = cfg.optim
     # Upper bounds far above any useful value, and below what a float32 optimizer step can hold.
@@ -285,6 +316,30 @@ def _check_data(cfg: Config, need) -> None:
     a = cfg.augment
     need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
     need(a.cutout >= 0, "augment.cutout", "must be >= 0")
+    _check_augment(cfg, need)
+
+
+def _check_augment(cfg: Config, need) -> None:
+    """The augmentations for larger images (what the store's side rules out is checked in train/setup.py)."""
+    a = cfg.augment
+    need(0 <= a.crop_size <= 8192, "augment.crop_size", "must be in 0..8192 (0: the store's side)")
+    need(not a.rrc or a.crop_size > 0, "augment.rrc", "RandomResizedCrop needs the output side: add "
+         "--augment.crop_size N (e.g. 224, or the store's side)")
+    need(0 < a.rrc_min_scale <= 1, "augment.rrc_min_scale", "must be in (0, 1] (torchvision's default is 0.08)")
+    need(0 < a.eval_crop <= 1, "augment.eval_crop", "must be in (0, 1] (0.875: resize to crop_size/0.875, crop)")
+    need(0 <= a.erase <= 1, "augment.erase", "is a probability: must be in [0, 1]")
+    need(a.mixup >= 0, "augment.mixup", "is the alpha of a Beta distribution: must be >= 0 (0: off; 0.2 or 0.8 "
+         "are usual)")
+    need(a.cutmix >= 0, "augment.cutmix", "is the alpha of a Beta distribution: must be >= 0 (0: off; 1.0 is usual)")
+    need(a.mixup <= 100, "augment.mixup", "must be at most 100")
+    need(a.cutmix <= 100, "augment.cutmix", "must be at most 100")
+    nproc = cfg.parallel.nproc
+    world = int(nproc) * cfg.parallel.nnodes if nproc.isdecimal() and len(nproc) <= 6 else 0  # 0: unknown yet
+    if (a.mixup > 0 or a.cutmix > 0) and 1 <= world <= 1 << 16 and cfg.grad_accum >= 1:
+        from phalanx.data.mix import mix_layout_error  # a rank's part must hold whole pairs (the ranks check too)
+        why = mix_layout_error(cfg.global_batch, cfg.grad_accum, world)
+        if why:
+            raise ConfigError(why)
 
 
 def _check_parallel(cfg: Config, need) -> None:
@@ -307,6 +362,8 @@ def _check_parallel(cfg: Config, need) -> None:
          "--device xla needs no rendezvous: run the same command on every host of the TPU slice")
     need(cfg.device != "xla" or p.strategy == "ddp", "parallel.strategy",
          "--device xla replicates the parameters over its SPMD mesh; use --parallel.strategy ddp")
+    need(cfg.device != "cuda" or p.start_method != "fork", "parallel.start_method",
+         "CUDA cannot be used in a forked process; use --parallel.start_method spawn (or auto)")
     need(cfg.device != "xla" or not cfg.model.compile, "model.compile",
          "--device xla compiles every step's graph already (PyTorch/XLA); leave --model.compile false")
     need(p.max_restarts >= 0, "parallel.max_restarts", "must be >= 0")

@@ -57,7 +57,7 @@ class Question:
     layouts: tuple[tuple[int, int], ...]   # candidate (ranks, threads); one entry when fixed
     precisions: tuple[str, ...]  # candidate autocast dtypes; one entry when fixed
     memory_formats: tuple[bool, ...]       # candidate channels_last values; one entry when fixed
-    model: tuple                 # (name, width, norm, act)
+    model: tuple                 # (name, width, norm, act, small_input)
     shape: tuple[int, int, int]  # (h, w, c)
     num_classes: int
     global_batch: int            # images per micro-step summed over the ranks
@@ -328,8 +328,8 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
         precisions = ({None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],)
     formats = (cfg.model.channels_last,) if "model.channels_last" in explicit else (True, False)
     m = cfg.model
-    return Question(accel.kind, cores, layouts, precisions, formats, (m.name, m.width, m.norm, m.act), tuple(shape),
-                    num_classes, micro)
+    return Question(accel.kind, cores, layouts, precisions, formats, (m.name, m.width, m.norm, m.act, m.small_input),
+                    tuple(shape), num_classes, micro)
 
 
 def tune_run(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: int, cache: Path,

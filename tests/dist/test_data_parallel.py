@@ -106,6 +106,8 @@ def test_eval_is_identical_for_1_2_3_ranks(cache_dir, small_idx, tmp_path):
     assert [x["world"] for x in results] == [1, 2, 3]
     assert all(x["count"] == 1001 for x in results)
     assert results[0]["correct"] == results[1]["correct"] == results[2]["correct"]
+    assert results[0]["correct_top5"] == results[1]["correct_top5"] == results[2]["correct_top5"]
+    assert results[0]["correct_top5"] > results[0]["correct"]  # random weights: top-5 finds more than top-1
     assert results[0]["loss"] == results[1]["loss"] == results[2]["loss"]  # bit-identical, not just close
 
 

@@ -27,6 +27,7 @@ def test_reported_accuracy_is_the_accuracy_of_the_exported_weights(reference_run
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["count"] == summary["count"] == 1001
     assert got["correct"] == summary["correct"]
+    assert got["correct_top5"] == summary["correct_top5"] > summary["correct"]  # 10 classes: top-5 counted too
     assert got["loss"] == summary["loss"]  # to the last bit
     for k in range(nproc):  # every evaluation compared the ranks' weights and buffers
         log = (run_dir / "logs" / f"rank-{k}.log").read_text()

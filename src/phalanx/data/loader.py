@@ -18,7 +18,7 @@ import torch
 
 from phalanx import runtime
 from phalanx.config import AugmentConfig
-from phalanx.data.augment import Normalize, augment_uint8, draw_params
+from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, uses_extra
 from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
 from phalanx.data.store import Split
 
@@ -30,6 +30,8 @@ class Batch:
     x: torch.Tensor   # float, normalised, on the device
     y: torch.Tensor   # int64 labels on the device
     idx: torch.Tensor  # dataset indices of these images (CPU), for audits
+    y_b: torch.Tensor | None = None  # mixup/CutMix: the partner's labels; the target is lam*y + (1-lam)*y_b
+    lam: torch.Tensor | None = None  # (B,) float weight of y (None: plain labels)
 
 
 def to_nchw(images_nhwc: torch.Tensor) -> torch.Tensor:
@@ -57,10 +59,12 @@ class SplitOnDevice:
             self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
             self.labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(device)
 
-    def gather(self, idx: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, labels) of `idx` on the device, spread over the devices this rank drives (XLA SPMD)."""
+    def gather(self, idx: torch.Tensor, pin: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of `idx` on the device, spread over the devices this rank drives (XLA SPMD).
+        `pin`: copy from page-locked memory where the device has it (CUDA): a non_blocking copy from pageable
+        memory is not asynchronous."""
         if self.images is not None:
-            i = idx.to(self.device, non_blocking=True)
+            i = (self.accel.pin(idx) if pin else idx).to(self.device, non_blocking=True)
             x, y = self.images.index_select(0, i), self.labels.index_select(0, i)
         else:
             ids = idx.numpy()
@@ -82,6 +86,7 @@ class TrainLoader:
         self.device, self.seed = device, seed
         self.prefetch = prefetch and self.source.accel.overlaps_copies and not resident
         self.h, self.w = split.images.shape[1:3]
+        check_mix_layout(augment, sampler)
 
     def __len__(self) -> int:
         return self.sampler.steps
@@ -89,7 +94,7 @@ class TrainLoader:
     def _raw(self, epoch: int, start_step: int
              ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         for step, micro, idx in self.sampler.epoch(epoch, start_step):
-            x, y = self.source.gather(idx, pin=self.prefetch)
+            x, y = self.source.gather(idx)
             yield step, micro, idx, x, y
 
     def _prefetched(self, epoch: int, start_step: int):
@@ -147,13 +152,42 @@ def augmented(parts: Iterable[tuple[int, int, torch.Tensor, torch.Tensor, torch.
     """
     s = sampler
     params, params_step = None, -1
+    extra = uses_extra(augment)
     for step, micro, idx, x, y in parts:
         start, lo, length = micro_batch_bounds(step, micro, s.global_batch, s.accum, s.world, s.rank)
         if step != params_step:
             params, params_step = draw_params(augment, s.global_batch, h, w, seed, epoch, step), step
+            if extra:
+                extra_params = draw_extra(augment, s.global_batch, h, w, seed, epoch, step)
         off = start - step * s.global_batch + lo  # this part's position within the global batch
-        x = augment_uint8(x, augment, params.slice(off, off + length))
-        yield Batch(step, micro, normalize(x), y, idx)
+        if not extra:  # the default path: one gather
+            # this part's draws, copied to the device from pinned memory (asynchronously)
+            x = augment_uint8(x, augment, draws_to(params.slice(off, off + length), x.device))
+            yield Batch(step, micro, normalize(x), y, idx)
+            continue
+        x, y_b, lam = augment_extra(x, y, augment, params.slice(off, off + length),
+                                    extra_params.slice(off, off + length), normalize)
+        yield Batch(step, micro, x, y, idx, y_b, lam)
+
+
+def draws_to(params, device: torch.device):
+    """A dataclass of draws (CPU tensors) on `device`: pinned first where the device has page-locked memory,
+    so that the copies are asynchronous (one from pageable memory waits for the device). Identity on CPU."""
+    import dataclasses
+    accel = runtime.of(device)
+    moved = {f.name: accel.pin(v).to(device, non_blocking=True) for f in dataclasses.fields(params)
+             if isinstance(v := getattr(params, f.name), torch.Tensor)}
+    return dataclasses.replace(params, **moved)
+
+
+def check_mix_layout(augment: AugmentConfig, sampler: GlobalSampler) -> None:
+    """ConfigError when mixup/CutMix are on and a rank's part of a micro-batch would split a pair."""
+    if augment.mixup > 0 or augment.cutmix > 0:
+        from phalanx.data.mix import mix_layout_error
+        from phalanx.errors import ConfigError
+        why = mix_layout_error(sampler.global_batch, sampler.accum, sampler.world)
+        if why:
+            raise ConfigError(why)
 
 
 def eval_chunks(n: int, chunk: int, world: int, rank: int) -> list[tuple[int, int, int]]:

@@ -6,10 +6,11 @@ prepared copy would have. The loader yields uint8 (B, C, size, size) batches, a 
 bytes of float ones through the worker queues and the host-to-device copy; flips, crops and
 normalisation then run batched on the device (phalanx.data.augment), as for a prepared store.
 
-CUDA: `CudaJpegLoader` has the workers only read the encoded files and decodes whole batches of
-JPEGs on the GPU with `torchvision.io.decode_jpeg(list, device="cuda")` (nvJPEG); other formats
-are decoded on the CPU and copied. GPU-decoded pixels can differ from the CPU decoder's by a few
-levels (different IDCT, float resize), and EXIF orientation is not applied there.
+CUDA: the workers only read the encoded files and whole batches of JPEGs are decoded on the GPU
+with `torchvision.io.decode_jpeg(list, device="cuda")` (nvJPEG; `decode_jpeg_batch_cuda`, used by
+`CudaJpegLoader` and by training, `StreamTrainLoader`, when every training file is a JPEG); other
+formats are decoded on the CPU and copied. GPU-decoded pixels can differ from the CPU decoder's by a
+few levels (different IDCT, float resize), and EXIF orientation is not applied there.
 
 The file list and the held-out test split are those of `phalanx data prepare` (list_imagefolder).
 
@@ -21,6 +22,7 @@ micro-batch (`__getitems__`): one worker decodes it into one uint8 tensor, no pe
 """
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -33,7 +35,7 @@ from phalanx import runtime
 from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize
 from phalanx.data.imageio import declared_size, decode_chw, fit, read_encoded, sniff, too_many_pixels
-from phalanx.data.loader import Batch, augmented
+from phalanx.data.loader import Batch, augmented, check_mix_layout
 from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import channel_stats
@@ -203,7 +205,7 @@ def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels:
                 done.add(i)
     for i, data in enumerate(encoded):
         if i not in done:  # CPU decoder (raises DataError naming the problem when unreadable)
-            out[i].copy_(decode_chw(data, size, channels), non_blocking=True)
+            out[i].copy_(decode_chw(data, size, channels).pin_memory(), non_blocking=True)
     return out
 
 
@@ -226,7 +228,7 @@ class CudaJpegLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for encoded, labels in self.loader:
             x = decode_jpeg_batch_cuda(encoded, self.size, self.channels, self.device)
-            yield x, labels.to(self.device, non_blocking=True)
+            yield x, labels.pin_memory().to(self.device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- training on a streamed folder
@@ -309,6 +311,17 @@ def open_folder_stream(data_path: str, size: int, channels: int, workers: int, i
     return FolderStream(root, size, channels, listing, mean, std)
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+
+def decodes_on_device(dataset: ImageFolderStream, device: torch.device) -> bool:
+    """Whether training decodes `dataset` on `device` (nvJPEG): where the device decodes JPEGs and every file
+    is one by its name. A folder with other formats stays with the CPU workers, which decode in parallel
+    (the device path decodes those one by one in the training process)."""
+    return (runtime.of(device).decodes_jpeg and len(dataset) > 0
+            and all(f.lower().endswith(JPEG_SUFFIXES) for f in dataset.files))
+
+
 class StreamTrainLoader:
     """TrainLoader over an ImageFolderStream: `.epoch(epoch, start_step)` yields the same Batches.
 
@@ -316,6 +329,9 @@ class StreamTrainLoader:
     device then translates, flips and normalises with the draws of the whole global batch, as
     TrainLoader does. So for the same folder and size a streamed run and a prepared one train on
     the same pixels in the same order, for any world size, and a resume needs only (epoch, step).
+    On CUDA, a folder of JPEGs is decoded on the GPU instead (`decodes_on_device`): the workers only read
+    the files, and each micro-batch is decoded by nvJPEG in one call (pixels within a few levels of the
+    CPU decoder's); order and augmentation draws are the same.
     """
 
     def __init__(self, dataset: ImageFolderStream, sampler: GlobalSampler, augment: AugmentConfig,
@@ -323,6 +339,11 @@ class StreamTrainLoader:
         self.dataset, self.sampler, self.augment, self.normalize = dataset, sampler, augment, normalize
         self.device, self.seed = device, seed
         self.h = self.w = dataset.size
+        self.on_device = decodes_on_device(dataset, device)
+        if self.on_device:  # the same files and labels, read as bytes
+            dataset = copy.copy(dataset)
+            dataset.encoded = True
+        check_mix_layout(augment, sampler)
         self.batches = RankBatches(sampler)
         self.loader = DataLoader(dataset, batch_sampler=self.batches, collate_fn=pass_batch,
                                  **loader_kw(workers, runtime.of(device).overlaps_copies, prefetch_factor))
@@ -343,6 +364,8 @@ class StreamTrainLoader:
                 x, y = next(decoded)
             except DataError as e:
                 raise _worker_error(e) from None
+            if self.on_device:  # a list of encoded files: one nvJPEG call decodes the micro-batch on the device
+                x = decode_jpeg_batch_cuda(x, self.dataset.size, self.dataset.channels, self.device)
             yield step, micro, idx, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -376,6 +399,7 @@ class StreamSplit:
             got = list(self.loader)
         except DataError as e:
             raise _worker_error(e) from None
-        x = torch.cat([b for b, _ in got]).to(self.device, non_blocking=True)
-        y = torch.cat([b for _, b in got]).to(self.device, non_blocking=True)
+        accel = runtime.of(self.device)  # pinned where that makes the copies asynchronous
+        x = accel.pin(torch.cat([b for b, _ in got])).to(self.device, non_blocking=True)
+        y = accel.pin(torch.cat([b for _, b in got])).to(self.device, non_blocking=True)
         return x.permute(0, 2, 3, 1), y

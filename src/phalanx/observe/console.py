@@ -145,7 +145,8 @@ def summary_table(summary: dict, weights: Path) -> str:
         counts = f" ({summary['correct']}/{summary['count']})" if "correct" in summary and "count" in summary else ""
         rows.append(("test accuracy", f"{100 * summary['acc']:.2f}%{counts}"))
     if "top5" in summary:  # only where the evaluation computes it
-        rows.append(("top-5 accuracy", f"{100 * summary['top5']:.2f}%"))
+        counts = f" ({summary['correct_top5']}/{summary['count']})" if "correct_top5" in summary else ""
+        rows.append(("top-5 accuracy", f"{100 * summary['top5']:.2f}%{counts}"))
     if "loss" in summary:
         rows.append(("test loss", f"{summary['loss']:.4f}"))
     if "train_s" in summary:

@@ -50,7 +50,7 @@ _LAYOUT = re.compile(r"\| world (\d+) x (\d+) threads on (\S+) \| precision (\S+
 _MODEL = re.compile(r"\| model (\S+) \(([\d.]+) M params\) \| data (\S+) (\d+) train / (\d+) test, (\S+)")
 _MEMORY = re.compile(r"memory per rank \(.*\): .* total ([\d.]+) MiB")
 _RESUMED = re.compile(r"resumed from \S+ at epoch \d+, step \d+ \(global step (\d+)\)")
-_EPOCH = re.compile(r"epoch (\d+)/\d+\s+test acc [\d.]+%\s+loss [\d.]+\s+([\d,]+) img/s")
+_EPOCH = re.compile(r"epoch (\d+)/\d+\s+test acc [\d.]+%(?:\s+top-5 [\d.]+%)?\s+loss [\d.]+\s+([\d,]+) img/s")
 _NOTABLE = re.compile(r" (WARNING|ERROR) |resumed from|preempted at|restart [1-9]")
 _LOG_LINE = re.compile(r"^(\S+ \S+) rank(\d+) (\w+) (.*)$")
 
@@ -281,7 +281,7 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
     from phalanx.data.loader import SplitOnDevice, to_nchw
     from phalanx.errors import CheckpointError
     from phalanx.export import run_store
-    from phalanx.train.evaluate import load_weights
+    from phalanx.train.evaluate import eval_crop_of_meta, load_weights
 
     if not (rec.path / "model.safetensors").is_file():
         rec.cm_note = ("No final weights (model.safetensors) yet: the confusion matrix and per-class accuracy come "
@@ -315,7 +315,7 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
     channels_last = rec.config.get("model.channels_last", True) is True  # as the run evaluated (faster on CPU)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), channels_last)
+    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), channels_last, eval_crop_of_meta(meta))
     eval_batch = rec.config.get("eval_batch")
     chunk = int(eval_batch) if _number(eval_batch) and eval_batch >= 1 else 1000
     flip = rec.config.get("tta_flip", True) is True
@@ -324,7 +324,7 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
     with torch.inference_mode():
         for lo in range(0, n, chunk):
             x, y = data.gather(torch.arange(lo, min(n, lo + chunk)))
-            x = normalize(to_nchw(x))
+            x = normalize.for_eval(to_nchw(x))  # as the run evaluated: resize + centre crop for crop-trained weights
             logits = model(x).float()
             if flip:
                 logits = (logits + model(x.flip(3)).float()) * 0.5
@@ -408,6 +408,8 @@ def _overview_rows(runs: list[RunRecord]) -> list[list]:
         row("state", lambda r: r.state),
         row("test accuracy" + (" (last evaluation)" if any(not r.summary for r in runs) else ""),
             lambda r: pct(last_eval(r).get("acc"))),
+        *([row("top-5 accuracy", lambda r: pct(last_eval(r).get("top5")))]  # more than 5 classes only
+          if any("top5" in last_eval(r) for r in runs) else []),
         row("test loss", lambda r: f"{last_eval(r)['loss']:.4f}" if _number(last_eval(r).get("loss")) else ""),
         row("evaluations", lambda r: len(r.evals)),
         row("steps", steps),
@@ -531,12 +533,17 @@ def render_html(runs: list[RunRecord], out_dir: Path, pngs: dict[str, Path], not
 
 
 def _evaluations(r: RunRecord, several: bool) -> str:
-    rows = [[e.get("epoch", ""), e["step"], f"{100 * e['acc']:.2f}%" if _number(e.get("acc")) else "",
+    top5 = any("top5" in e for e in r.evals)  # evaluations with more than 5 classes count top-5 as well
+
+    def pct(v) -> str:
+        return f"{100 * v:.2f}%" if _number(v) else ""
+    rows = [[e.get("epoch", ""), e["step"], pct(e.get("acc")), *([pct(e.get("top5"))] if top5 else []),
              f"{e['loss']:.4f}" if _number(e.get("loss")) else "",
              f"{e['train_img_s']:,.0f}" if _number(e.get("train_img_s")) else "", _duration(e.get("wall"))]
             for e in r.evals]
     head = f"<h3>{_e(r.label)}</h3>" if several else ""
-    header = ["epoch", "step", "test accuracy", "test loss", "img/s (epoch)", "recorded at (wall time)"]
+    header = ["epoch", "step", "test accuracy", *(["top-5 accuracy"] if top5 else []), "test loss", "img/s (epoch)",
+              "recorded at (wall time)"]
     return head + (_table(header, rows) if rows else "<p>No evaluation yet.</p>")
 
 

@@ -59,7 +59,7 @@ class DDPStrategy:
                     broadcast_buffers=False,
                 )
         if cfg.model.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=cfg.model.compile_mode)
         return model
 
     def averaged(self, decay: float) -> AveragedModel:

@@ -71,11 +71,23 @@ def shard_units(model: nn.Module) -> tuple[list[nn.Module], str]:
         return [m for m in net.net if any(True for _ in m.parameters())], "each conv block and residual pair"
     if isinstance(net, MnistNet):
         return [net.fc1], "the first fully connected layer (98% of the weights)"
-    blocks = (BasicBlock, Bottleneck, CNBlock, MBConv, FusedMBConv, InvertedResidual, ResBottleneckBlock)
+    blocks = (BasicBlock, Bottleneck, CNBlock, MBConv, FusedMBConv, InvertedResidual, ResBottleneckBlock,
+              *_timm_blocks(net))
     units = [m for m in net.modules() if isinstance(m, blocks)]
     if units:
         return units, f"each residual block ({len(units)} {type(units[0]).__name__}s)"
     return [], ""
+
+
+def _timm_blocks(net: nn.Module) -> tuple[type, ...]:
+    """timm's residual blocks (its own classes, not torchvision's), for a model timm built; timm is not
+    imported for any other model."""
+    if not type(net).__module__.startswith("timm."):
+        return ()
+    from timm.models import _efficientnet_blocks as eff
+    from timm.models import convnext, resnet
+    return (resnet.BasicBlock, resnet.Bottleneck, convnext.ConvNeXtBlock, eff.DepthwiseSeparableConv,
+            eff.InvertedResidual, eff.EdgeResidual)
 
 
 # ----------------------------------------------------------------------------- the strategy
@@ -114,7 +126,7 @@ class FSDPStrategy:
         self._norm_stats = norm_statistics(model)
         if not env.distributed:
             log.info("fsdp with one rank: nothing to shard, the model trains unwrapped")
-            return torch.compile(model) if cfg.model.compile else model
+            return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
         self._mesh = self._device_mesh()
         self._mp = self._mixed_precision()
         units, what = shard_units(model)
@@ -124,7 +136,7 @@ class FSDPStrategy:
         else:
             log.info(f"fsdp: no shard policy for {type(model).__name__}; sharding the root module only (the whole "
                      f"model is gathered for each forward) over {self._describe_mesh()}")
-        return torch.compile(model) if cfg.model.compile else model
+        return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
 
     def _shard(self, model: nn.Module, units: list[nn.Module]) -> None:
         kw = dict(mesh=self._mesh, mp_policy=self._mp, reshard_after_forward=self.cfg.parallel.reshard_after_forward)

@@ -19,7 +19,7 @@ from typing import ContextManager, Protocol
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from phalanx.errors import CheckpointError
 
@@ -70,19 +70,50 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
+class DeviceEMA(AveragedModel):
+    """AveragedModel's EMA with its update count on the model's device and an update that never reads it.
+
+    torch's `update_parameters` branches on the count (`bool(n_averaged == 0)`, `n_averaged > 0`): a host read
+    that on a GPU waits for the step to finish, and on XLA cuts the traced step in two; with the count on the
+    host instead, its `.to(device)` each step is a blocking copy. Here the first update (a copy) and the later
+    ones (decay x ema + (1 - decay) x model) are one computation whose factors the device picks from the count:
+    torch's values (to rounding), no host read, one graph for every step.
+    The update runs on each rank's own tensors: the sharded parameters' local shards (FSDP) and the
+    replicated buffers alike, with no communication.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay {decay}: must be in [0, 1]")
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        first = next(iter(_local(list(model.parameters()) + list(model.buffers()))), None)
+        if first is not None:
+            self.n_averaged = self.n_averaged.to(first.device)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        ema = _local([*self.module.parameters(), *self.module.buffers()])
+        cur = _local([t.detach() for t in (*model.parameters(), *model.buffers())])
+        first = self.n_averaged == 0
+        # ema = ema * keep + cur * take: (0, 1) the first time, a copy, (decay, 1 - decay) after; both factors
+        # 0-dim tensors the device chooses (torch's foreach lerp takes its weight as a number only).
+        keep = torch.where(first, 0.0, self.decay)
+        take = torch.where(first, 1.0, 1.0 - self.decay)
+        floats = [(e, c) for e, c in zip(ema, cur) if e.is_floating_point()]
+        if floats:
+            es = [e for e, _ in floats]
+            torch._foreach_mul_(es, keep)
+            torch._foreach_add_(es, torch._foreach_mul([c for _, c in floats], take))
+        for e, c in zip(ema, cur):  # integer buffers (BatchNorm's batch count), as torch's EMA does them
+            if not e.is_floating_point():
+                e.copy_(torch.where(first, c, (e * self.decay + c * (1 - self.decay)).to(e.dtype)))
+        self.n_averaged += 1
+
+
 def averaged_model(model: nn.Module, decay: float) -> AveragedModel:
-    """An EMA of `model`'s parameters and buffers. The update runs on each rank's own tensors: the
-    sharded parameters' local shards (FSDP) and the replicated buffers alike, with no communication."""
-    ema_fn = get_ema_multi_avg_fn(decay)
-
-    def update(ema_list, model_list, n_averaged):
-        ema_fn(_local(ema_list), _local(model_list), n_averaged)
-
-    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-    # Its update count stays on the host: AveragedModel branches on it (`n_averaged == 0`) at every update,
-    # which on a GPU would wait for the step to finish and on XLA would cut the traced step in two.
-    ema.n_averaged = ema.n_averaged.cpu()
-    return ema
+    """An EMA of `model`'s parameters and buffers whose update needs no host synchronisation (DeviceEMA)."""
+    return DeviceEMA(model, decay)
 
 
 def optim_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict, source: Path) -> dict:

@@ -13,8 +13,17 @@ class Accelerator:
     """Default process-group backend."""
     start_method: str = "spawn"
     """How the elastic agent starts this kind's ranks when --parallel.start_method is auto."""
+    fork_safe: bool = True
+    """Whether ranks may be forked from the launcher (--parallel.start_method fork)."""
     overlaps_copies: bool = False
     """Whether host-to-device copies can run beside compute (pinned memory, a side stream)."""
+    host_reads_sync: bool = False
+    """Whether reading a device value on the host (`.item()`, `bool(t)`) waits for all queued work (CUDA, XLA):
+    the loop then reads flags and losses only every few steps. On CPU a read costs nothing."""
+    fused_optimizers: bool = False
+    """Whether torch's fused (single-kernel) SGD and AdamW are worth taking here."""
+    decodes_jpeg: bool = False
+    """Whether batches of JPEG files are decoded on this device (nvJPEG through torchvision) when streaming."""
 
     @classmethod
     def is_available(cls) -> bool:
@@ -36,6 +45,9 @@ class Accelerator:
     def bind(self, local_rank: int) -> torch.device:
         """The device of this rank, made current."""
         raise NotImplementedError
+
+    def configure_training(self, deterministic: bool, tf32: bool) -> None:
+        """Process-wide settings for training on this kind (cuDNN autotuning, TF32); logged where any are made."""
 
     # ---- the step (hooks a traced, lazily executed device needs; nothing to do on CPU and CUDA)
     def step_barrier(self) -> None:

@@ -1,7 +1,13 @@
-"""CUDA ranks: one GPU each, NCCL, bf16 (fp16 with a scaler on GPUs without bf16), pinned async copies."""
+"""CUDA ranks: one GPU each, NCCL, bf16 (fp16 with a scaler on GPUs without bf16), pinned async copies.
+
+What a GPU user expects is set here, in one place (`configure_training`): cuDNN autotuning, TF32 for fp32
+matmuls and convolutions; `fused_optimizers` makes SGD and AdamW single-kernel (train/schedule.py).
+"""
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from typing import Iterator
 
 import torch
@@ -13,11 +19,28 @@ class CUDAAccelerator(Accelerator):
     kind = "cuda"
     backend = "nccl"
     start_method = "spawn"  # CUDA cannot be used in a process forked after the parent initialised it
+    fork_safe = False
     overlaps_copies = True
+    host_reads_sync = True  # `.item()` waits for every kernel queued on the stream
+    fused_optimizers = True  # SGD and AdamW `fused=True`: one kernel for all parameters (torch >= 2.3)
+    decodes_jpeg = True  # torchvision.io.decode_jpeg(list, device="cuda"): nvJPEG, a batch at a time
 
     @classmethod
     def is_available(cls) -> bool:
         return torch.cuda.is_available()
+
+    def configure_training(self, deterministic: bool, tf32: bool) -> None:
+        """cuDNN autotuning (unless --deterministic: the fastest algorithm may differ from run to run) and
+        TF32 tensor cores for fp32 matmuls and convolutions (--tf32; autocast bf16/fp16 ops are unaffected)."""
+        torch.backends.cudnn.benchmark = not deterministic
+        with warnings.catch_warnings():
+            # torch 2.9-2.11 announce `fp32_precision` as the successor of these settings; inductor still reads
+            # these ones, and mixing the two APIs raises, so the old ones are set.
+            warnings.simplefilter("ignore", UserWarning)
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            torch.backends.cudnn.allow_tf32 = tf32
+        logging.getLogger("phalanx").info(
+            f"cuda: cudnn.benchmark {torch.backends.cudnn.benchmark}, TF32 for fp32 matmuls and convolutions {tf32}")
 
     def device_count(self) -> int:
         return torch.cuda.device_count()

@@ -5,6 +5,7 @@ LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); nothing deeper reads the environment.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from phalanx import runtime
 from phalanx.config import ParallelConfig
+from phalanx.errors import ConfigError
 from phalanx.runtime.cpu import usable_cores
 
 
@@ -68,6 +70,10 @@ class DistEnv:
     """Rank 0's process-group store server, bound here to MASTER_ADDR only (held while the process lives)."""
     phase: str = "starting"
     """What this rank is doing now; named in the message when a peer fails."""
+    join_timeout_s: float = 0.0
+    """The process group's timeout while ranks join (--parallel.init_timeout_s, at least timeout_s)."""
+    timeout_now_s: float = 0.0
+    """The collective timeout in force now: join_timeout_s, then --parallel.timeout_s after the first step."""
 
     @property
     def is_main(self) -> bool:
@@ -90,13 +96,15 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         store_on_rank0=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True",
     )
     e.accel = runtime.accelerator(device_pref)
+    backend = resolve_backend(pcfg, e.accel)
+    if e.world > 1:  # under a bare torchrun too; `phalanx train --nproc` refuses before starting the ranks
+        check_ranks_fit(e.accel, e.local_world, backend)
     e.device = e.accel.bind(e.local_rank)
     e.threads = threads_per_rank(pcfg, e.local_world)
     if e.device.type == "cpu" and pcfg.keep_cpu_memory:
         keep_freed_memory()
     torch.set_num_threads(e.threads)
     if e.world > 1:
-        backend = pcfg.backend if pcfg.backend != "auto" else e.accel.backend
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = e.device  # eager NCCL init, bound to this rank's GPU
@@ -104,10 +112,25 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
             e.store_server = serve_process_group_store(os.environ.get("MASTER_ADDR", ""),
                                                        os.environ.get("MASTER_PORT", ""))
         # The init timeout also covers slow joiners; collectives get the shorter one after the first step.
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(pcfg.init_timeout_s, pcfg.timeout_s)),
-                                **kwargs)
+        e.join_timeout_s = e.timeout_now_s = max(pcfg.init_timeout_s, pcfg.timeout_s)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=e.join_timeout_s), **kwargs)
         e.backend = backend
     return e
+
+
+def resolve_backend(pcfg: ParallelConfig, accel: runtime.Accelerator) -> str:
+    """--parallel.backend, or the accelerator's (NCCL on CUDA, gloo on CPU) for auto."""
+    return pcfg.backend if pcfg.backend != "auto" else accel.backend
+
+
+def check_ranks_fit(accel: runtime.Accelerator, ranks_per_node: int, backend: str) -> None:
+    """One line instead of two ranks silently sharing a GPU (NCCL refuses that later, less clearly): more
+    ranks on a node than its devices need a backend that lets ranks share one (gloo; tests, the GPU check)."""
+    n = accel.device_count()
+    if n and ranks_per_node > n and backend == "nccl":
+        raise ConfigError(f"parallel.nproc={ranks_per_node}: more ranks on this node than its {n} "
+                          f"{accel.kind.upper()} device(s), and NCCL needs one device per rank; use --nproc {n} "
+                          f"(auto: one per device), or --parallel.backend gloo to let ranks share devices (slow)")
 
 
 def serve_process_group_store(master_addr: str, master_port: str):
@@ -126,8 +149,11 @@ def serve_process_group_store(master_addr: str, master_port: str):
         return None
 
 
-def set_collective_timeout(seconds: float) -> None:
-    """Shorten the process group's timeout once every rank has joined and stepped once."""
+def set_collective_timeout(seconds: float, env: DistEnv | None = None) -> None:
+    """Shorten the process group's timeout once every rank has joined and stepped once (or lengthen it
+    again: `rank0_alone`). `env` records the value in force."""
+    if env is not None:
+        env.timeout_now_s = seconds
     if not dist.is_initialized():
         return
     td = datetime.timedelta(seconds=seconds)
@@ -138,6 +164,24 @@ def set_collective_timeout(seconds: float) -> None:
             dist.distributed_c10d._set_pg_timeout(td, None)
     except Exception:  # a backend without support keeps the init timeout
         pass
+
+
+@contextlib.contextmanager
+def rank0_alone(env: DistEnv):
+    """Work rank 0 does alone (writing a checkpoint, the final weights, plots) while the others wait for it,
+    then a barrier: every rank waits there with the joining timeout, not the short one of training steps,
+    so that a long write cannot time the others out (NCCL's watchdog would abort them). Every rank enters."""
+    short = env.timeout_now_s
+    longer = env.distributed and short < env.join_timeout_s
+    if longer:
+        set_collective_timeout(env.join_timeout_s, env)
+    try:
+        yield
+        if env.distributed:
+            dist.barrier()
+    finally:
+        if longer:
+            set_collective_timeout(short, env)
 
 
 ANSWER_WINDOW_S = 5.0

@@ -140,10 +140,17 @@ def failure_line(e, run_dir=None) -> str:
 
 
 def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
-    """How the agent starts ranks: the accelerator's choice (fork on CPU, spawn with CUDA) unless asked."""
+    """How the agent starts ranks: the accelerator's choice (fork on CPU, spawn with CUDA) unless asked;
+    fork where the device cannot be used in a forked process is one ConfigError line."""
+    accel = runtime.accelerator(device_pref)
+    if pcfg.start_method == "fork" and not accel.fork_safe:
+        from phalanx.errors import ConfigError
+        raise ConfigError(f"parallel.start_method='fork': {accel.kind.upper()} cannot be used in a forked process "
+                          f"(--device {device_pref} runs on {accel.kind}); use --parallel.start_method spawn "
+                          f"(or auto)")
     if pcfg.start_method != "auto":
         return pcfg.start_method
-    return runtime.accelerator(device_pref).start_method
+    return accel.start_method
 
 
 def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None,
@@ -161,6 +168,11 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
+    from phalanx.runtime.dist import check_ranks_fit, resolve_backend
+
+    method = start_method(pcfg, device_pref)  # the refusals first, before anything starts
+    accel = runtime.accelerator(device_pref)
+    check_ranks_fit(accel, nproc, resolve_backend(pcfg, accel))
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise force 1 and print a banner
     # Workers sharing the rendezvous TCPStore can read the previous attempt's keys after an elastic
     # restart and hang in process-group init (pytorch/pytorch#135712): give each attempt its own store.
@@ -171,7 +183,7 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     rdzv_server = bind_rendezvous(args, pcfg)  # noqa: F841 (held while the agent runs)
     config, cmd, cmd_args = config_from_args(args)
     cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
-    config.start_method = start_method(pcfg, device_pref)
+    config.start_method = method
     if config.start_method == "fork":  # a function entrypoint: the agent forks, runs it, watches the exit code
         cmd, cmd_args = _forked_rank, list(module_args)
     # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which

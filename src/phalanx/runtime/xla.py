@@ -81,6 +81,7 @@ class XLAAccelerator(Accelerator):
     # Batches that are not resident on the device are gathered and sent by the loader's background thread
     # while the step runs (what torch_xla's MpDeviceLoader does).
     overlaps_copies = True
+    host_reads_sync = True  # a read runs the traced graph so far
 
     @classmethod
     def is_available(cls) -> bool:

@@ -39,17 +39,34 @@ def periodic_checkpoint_due(ckpt: CheckpointConfig, global_step: int, step_in_ep
     return by_steps or by_time
 
 
-def agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any rank (clocks and signals differ between ranks)."""
+def agree_every(steps_per_epoch: int, host_reads_sync: bool) -> int:
+    """Steps between the ranks' agreements on what signals and clocks decide (preemption, checkpoints by time).
+
+    Every step where reading a flag back costs nothing (CPU). Where a read waits for the queued step (CUDA),
+    at the logging cadence, when the loss is read anyway: the step runs without host synchronisation in
+    between. The same number on every rank, so every rank stops or checkpoints after the same step.
+    """
+    return log_every(steps_per_epoch) if host_reads_sync else 1
+
+
+def agree_all(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on any rank (clocks and signals differ between ranks):
+    one all-reduce for all of them; none for one process."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any rank."""
+    return agree_all([flag], device)[0]
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (SLURM) set a flag; ranks agree on it after each step, checkpoint, exit 0."""
+    """SIGTERM / SIGUSR1 (SLURM) set a flag; ranks agree on it at their agreement cadence (`agree_every`),
+    checkpoint, exit 0."""
 
     def __init__(self):
         self.requested = False

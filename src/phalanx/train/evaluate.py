@@ -24,7 +24,9 @@ from phalanx.train.precision import Precision
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk: int, world: int, rank: int,
              precision: Precision | None = None, tta_flip: bool = False, lockstep: bool = False) -> dict:
-    """{'loss', 'acc', 'correct', 'count'} over the whole split, identical on every rank.
+    """{'loss', 'acc', 'correct', 'count'} over the whole split, identical on every rank; with more than
+    5 classes also 'top5' and 'correct_top5' (the label among the 5 largest logits; with 5 or fewer classes
+    that is every image, so it is left out).
 
     `lockstep` (a sharded model, whose forward gathers parameters from every rank): a rank with
     fewer chunks than another runs one-image forwards whose output is dropped, so that every rank
@@ -35,13 +37,15 @@ def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk:
     n_chunks = (n + chunk - 1) // chunk
     device = normalize.scale.device  # NCCL reduces device tensors only
     loss_sums = torch.zeros(n_chunks, dtype=torch.float64, device=device)
-    correct = torch.zeros(1, dtype=torch.int64, device=device)
+    # top-1, top-5 correct, chunks with more than 5 classes (so a rank without chunks learns it too): integers,
+    # summed exactly in any order
+    correct = torch.zeros(3, dtype=torch.int64, device=device)
     mine = eval_chunks(n, chunk, world, rank)
     most = max(len(eval_chunks(n, chunk, world, r)) for r in range(world)) if lockstep else len(mine)
     for i in range(most):
         c, lo, hi = mine[i] if i < len(mine) else (None, 0, 1)
         x, y = data.gather(torch.arange(lo, hi))
-        x = normalize(to_nchw(x))
+        x = normalize.for_eval(to_nchw(x))  # resize + centre crop when augment.crop_size asks
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             logits = model(x).float()
             if tta_flip:
@@ -49,13 +53,18 @@ def evaluate(model: nn.Module, data: SplitOnDevice, normalize: Normalize, chunk:
         if c is None:
             continue  # a lockstep forward only
         loss_sums[c] = F.cross_entropy(logits.double(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        correct[0] += (logits.argmax(1) == y).sum()
+        if logits.shape[1] > 5:
+            correct[1] += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+            correct[2] += 1
     all_reduce_sum(loss_sums)
     all_reduce_sum(correct)
     model.train(was_training)
-    count = int(correct.item())
-    return {"loss": float(loss_sums.sum().item() / max(1, n)), "acc": count / max(1, n), "correct": count,
-            "count": n}
+    count, count5, has_top5 = correct.tolist()  # one device-to-host read
+    res = {"loss": float(loss_sums.sum().item() / max(1, n)), "acc": count / max(1, n), "correct": count, "count": n}
+    if has_top5:
+        res.update(top5=count5 / max(1, n), correct_top5=count5)
+    return res
 
 
 # ----------------------------------------------------------------------------- saved weights
@@ -110,6 +119,7 @@ _MODEL_OPTIONAL = {
     "width": (_is_size, f"an integer from 1 to {_SIZE_LIMIT}"),
     "norm": (lambda v: v in ("batch", "group", "none"), "one of batch, group, none"),
     "act": (lambda v: v in ("relu", "gelu", "silu"), "one of relu, gelu, silu"),
+    "small_input": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -117,7 +127,7 @@ def _check_model_meta(meta: dict, path: Path) -> None:
     """One CheckpointError line naming the first field of model.json that load and predict cannot use."""
     from phalanx.durable import is_numbers
     from phalanx.errors import CheckpointError
-    from phalanx.models import MODELS
+    from phalanx.models import model_refusal
     from phalanx.train.checkpoint import show
 
     for key, (_, words) in _MODEL_FIELDS.items():
@@ -126,9 +136,9 @@ def _check_model_meta(meta: dict, path: Path) -> None:
     for key, (ok, words) in (*_MODEL_FIELDS.items(), *_MODEL_OPTIONAL.items()):
         if key in meta and not ok(meta[key]):
             raise CheckpointError(f"{path}: field {key!r} must be {words}, found {show(meta[key])}")
-    if meta["model"] not in MODELS:
+    if model_refusal(meta["model"]) is not None:
         raise CheckpointError(f"{path}: names model {show(meta['model'])}, which this version of Phalanx does not "
-                              f"have (phalanx models lists them)")
+                              f"have ({model_refusal(meta['model'])})")
     c, n = meta["in_channels"], meta["num_classes"]
     for key in ("mean", "std"):
         if not is_numbers(meta.get(key), c):
@@ -145,7 +155,8 @@ def _build_from_meta(meta: dict, path: Path) -> nn.Module:
     from phalanx.models import build_model
     try:
         return build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                           meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"))
+                           meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"),
+                           meta.get("small_input", False))
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: cannot build the model it describes ({type(e).__name__}: "
                               f"{first_line(e)})") from None
@@ -168,7 +179,7 @@ def eval_main(cfg, target: Path) -> dict:
             from phalanx.errors import DataError
             raise DataError(f"{store.path}: {store.shape} images with {len(store.classes)} classes do not fit "
                             f"{target} ({meta['in_channels']} channels, {meta['num_classes']} classes)")
-        normalize = Normalize(meta["mean"], meta["std"], env.device, cfg.model.channels_last)
+        normalize = Normalize(meta["mean"], meta["std"], env.device, cfg.model.channels_last, eval_crop_of_meta(meta))
         data = SplitOnDevice(split, env.device, resident=False)
         prec = Precision.from_config(cfg.precision, env.accel)
         res = evaluate(model, data, normalize, cfg.eval_batch, env.world, env.rank, prec, cfg.tta_flip)
@@ -178,6 +189,17 @@ def eval_main(cfg, target: Path) -> dict:
         return res
     finally:
         rdist.teardown()
+
+
+def eval_crop_of_meta(meta: dict) -> tuple[int, float] | None:
+    """Evaluation's (crop side, fraction) for weights trained on augment.crop_size crops of stored
+    images of image_size (model.json's crop_size and eval_crop), or None."""
+    crop, frac = meta.get("crop_size"), meta.get("eval_crop", 0.875)
+    number = isinstance(frac, (int, float)) and not isinstance(frac, bool)
+    if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 and crop != meta["image_size"] and number \
+            and 0 < frac <= 1:
+        return crop, float(frac)
+    return None
 
 
 def list_images(paths: list[Path]) -> list[Path]:
@@ -209,11 +231,11 @@ def predict_files(model: nn.Module, meta: dict, files: list[Path], top: int = 3,
     from phalanx.data.imageio import decode_chw
 
     size, ch = meta["image_size"], meta["in_channels"]
-    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False)
+    normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False, eval_crop_of_meta(meta))
     k = min(top, meta["num_classes"])
     for lo in range(0, len(files), batch):
         part = files[lo:lo + batch]
-        x = normalize(torch.stack([decode_chw(f, size, ch) for f in part]))  # DecodeError names the file
+        x = normalize.for_eval(torch.stack([decode_chw(f, size, ch) for f in part]))  # DecodeError names the file
         vals, idx = model(x).float().softmax(1).topk(k, dim=1)
         for f, v, i in zip(part, vals.tolist(), idx.tolist()):
             yield {"file": str(f), "top": [{"class": meta["classes"][c], "p": round(p, 6)} for p, c in zip(v, i)]}

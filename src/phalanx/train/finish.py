@@ -23,8 +23,9 @@ def export_meta(run) -> dict:
     cfg, store = run.cfg, run.store
     h, _, c = store.shape
     return {"model": cfg.model.name, "width": cfg.model.width, "norm": cfg.model.norm, "act": cfg.model.act,
-            "num_classes": len(store.classes), "in_channels": c, "image_size": h, "classes": store.classes,
-            "mean": store.mean, "std": store.std, "ema": run.state.ema is not None}
+            "small_input": cfg.model.small_input, "num_classes": len(store.classes), "in_channels": c,
+            "image_size": h, "classes": store.classes, "mean": store.mean, "std": store.std,
+            "ema": run.state.ema is not None, "crop_size": cfg.augment.crop_size, "eval_crop": cfg.augment.eval_crop}
 
 
 def finish(run, result: dict, train_s: float, weights: dict) -> None:

@@ -22,7 +22,7 @@ from phalanx import config as C
 from phalanx import faults
 from phalanx.errors import ConfigError
 from phalanx.observe.console import Progress, TrainMeter
-from phalanx.parallel.collectives import barrier, broadcast_object, ranks_holding
+from phalanx.parallel.collectives import broadcast_object, ranks_holding
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
@@ -132,9 +132,9 @@ def train_to_end(run: Run) -> dict:
     if not result:  # no epoch ended here: a finished run started again, or restarted after its last step
         result = final_evaluation(run, timer)
     weights = state.strategy.full_state(state.export_model)  # gathered on rank 0 when sharded (collective)
-    if env.is_main:
-        finish(run, result, time.perf_counter() - timer.start, weights)
-    barrier()
+    with rdist.rank0_alone(env):  # the others wait, with joining's timeout, while rank 0 writes and plots
+        if env.is_main:
+            finish(run, result, time.perf_counter() - timer.start, weights)
     return dict(result, run_dir=str(run.run_dir))
 
 
@@ -158,22 +158,28 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
     """Advance the position; log, checkpoint when due. True when the ranks agreed to stop (preemption)."""
     cfg, env, pos = run.cfg, run.env, run.state.position
     pos.step, pos.global_step = batch.step + 1, pos.global_step + 1
-    if pos.global_step == 1:
-        rdist.set_collective_timeout(cfg.parallel.timeout_s)
-    if not run.memory:  # after this process's first step: the optimizer state exists now
+    if not run.memory:  # after this process's first step (a resumed one's too): the optimizer state exists now
+        rdist.set_collective_timeout(cfg.parallel.timeout_s, env)
         report_memory(run)
     faults.maybe("step", env.rank, pos.global_step)
     if run.budget is not None:
         follow_budget(run, progress)
     meter.step(cfg.global_batch)
     report_progress(run, meter, progress, epoch, cadence.log_every(run.steps_per_epoch))
-    env.phase = f"agreeing on preemption at step {pos.global_step}"
-    if preempt.agreed(env.device):
-        return True
+    # Signals and clocks differ between ranks: they count only at steps where the ranks agree on them (one
+    # all-reduce), every step on CPU or alone, at the logging cadence where reading a flag waits for the GPU.
+    agreeing = env.world == 1 or pos.global_step % cadence.agree_every(run.steps_per_epoch,
+                                                                       env.accel.host_reads_sync) == 0
     due = cadence.periodic_checkpoint_due(cfg.ckpt, pos.global_step, pos.step, run.steps_per_epoch,
-                                          timer.minutes_since_checkpoint())
-    if cfg.ckpt.every_minutes:  # ranks must agree, clocks may not
-        due = cadence.agree(due, env.device)
+                                          timer.minutes_since_checkpoint() if agreeing else 0.0)
+    if agreeing:
+        env.phase = f"agreeing on preemption at step {pos.global_step}"
+        by_time = bool(cfg.ckpt.every_minutes)
+        agreed = cadence.agree_all([preempt.requested] + ([due] if by_time else []), env.device)
+        if agreed[0]:
+            return True
+        if by_time:
+            due = agreed[1]
     if due:
         save_checkpoint(run, "periodic")
         timer.checkpointed()
@@ -313,7 +319,8 @@ def evaluate_now(run: Run, epoch: int, epoch_img_s: float | None, wall_s: float)
     state.history.append(res)
     run.metrics.write(event="eval", **res)
     speed = f"{res['train_img_s']:,.0f} img/s  " if "train_img_s" in res else ""
-    run.log.info(f"epoch {epoch + 1}/{run.epochs}  test acc {100 * res['acc']:.2f}%  loss {res['loss']:.4f}  "
+    top5 = f"  top-5 {100 * res['top5']:.2f}%" if "top5" in res else ""
+    run.log.info(f"epoch {epoch + 1}/{run.epochs}  test acc {100 * res['acc']:.2f}%{top5}  loss {res['loss']:.4f}  "
                  f"{speed}({res['wall_s']:.1f} s)")
     return res
 
@@ -339,13 +346,13 @@ def save_checkpoint(run: Run, reason: str):
         meta["budget_spent_s"] = round(run.budget.spent(), 3)
     root, step, keep = run.run_dir / "checkpoints", state.position.global_step, run.cfg.ckpt.keep
     path = None
-    if state.strategy.sharded:
-        path = sharded_checkpoint.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
-    elif env.is_main:
-        path = ckpt.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
-    if env.is_main:
-        run.log.info(f"checkpoint {path} ({reason})")
-    barrier()
+    with rdist.rank0_alone(env):  # a replicated model's checkpoint is rank 0's alone: the others wait longer
+        if state.strategy.sharded:
+            path = sharded_checkpoint.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
+        elif env.is_main:
+            path = ckpt.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
+        if env.is_main:
+            run.log.info(f"checkpoint {path} ({reason})")
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -9,17 +10,26 @@ import torch.nn as nn
 from phalanx import config as C
 
 
-def build_optimizer(model: nn.Module, cfg: C.OptimConfig) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only: decaying norms and biases only hurts."""
+def build_optimizer(model: nn.Module, cfg: C.OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only: decaying norms and biases only hurts. `fused`: torch's
+    single-kernel SGD and AdamW (the accelerator's `fused_optimizers`), where the parameters allow it."""
     params = [p for p in model.parameters() if p.requires_grad]  # not a frozen whitening stem
     decay = [p for p in params if p.ndim > 1]
     rest = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    fused_kw = {"fused": True} if fused and fused_allowed(params, cfg.name) else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               **fused_kw)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fused_kw)
     return torch.optim.Adadelta(groups, lr=cfg.lr)
+
+
+def fused_allowed(params: list[torch.Tensor], name: str) -> bool:
+    """torch's fused SGD has no rule for FSDP's sharded (DTensor) parameters (its fused AdamW has)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no parameter is a DTensor
+    return name == "adamw" or dtensor is None or not any(isinstance(p, dtensor.DTensor) for p in params)
 
 
 def lr_factor(cfg: C.ScheduleConfig, step: int, total: int, steps_per_epoch: int) -> float:

@@ -13,7 +13,7 @@ import torch
 
 from phalanx import config as C
 from phalanx.data import streaming
-from phalanx.data.augment import Normalize
+from phalanx.data.augment import Normalize, eval_crop_of
 from phalanx.data.loader import SplitOnDevice, TrainLoader, evenly_spaced
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.sources import open_on_node
@@ -138,7 +138,8 @@ def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
         raise ConfigError(f"global_batch={cfg.global_batch} with grad_accum={cfg.grad_accum} gives fewer images "
                             f"per micro-step than the {env.world} ranks")
     sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, cfg.grad_accum)
-    normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last)
+    normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last,
+                          eval_crop_of(cfg.augment, store.shape[0]))  # evaluation's resize + centre crop
     if cfg.data.stream:
         loader = streaming.StreamTrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed,
                                              workers)
@@ -191,6 +192,13 @@ def check_data(cfg: C.Config, store) -> None:
                       else ("augment.cutout", cfg.augment.cutout))
         raise ConfigError(f"{key}={value}: too large for the {side}x{side} images of {src}; use at most "
                           f"{side - 1} for crop_pad and {side} for cutout")
+    a = cfg.augment
+    if a.crop_size > side and not a.rrc:
+        raise ConfigError(f"augment.crop_size={a.crop_size}: larger than the {side}x{side} images of {src}, and only "
+                          f"RandomResizedCrop enlarges; use at most {side}, or add --augment.rrc true")
+    if a.crop_size and a.cutout > a.crop_size:
+        raise ConfigError(f"augment.cutout={a.cutout}: larger than the {a.crop_size}x{a.crop_size} crops "
+                          f"(augment.crop_size); use at most {a.crop_size}")
 
 
 def first_estimate(budget: Budget, cfg: C.Config, eval_images: int, global_step: int = 0) -> int:
@@ -212,13 +220,19 @@ def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    net = build_model(cfg.model.name, len(store.classes), c, h, cfg.model.width, cfg.model.norm, cfg.model.act)
-    if cfg.model.whiten and hasattr(net, "whiten_stem"):  # before DDP's broadcast; a resume overwrites it
+    env.accel.configure_training(cfg.deterministic, cfg.tf32)  # CUDA: cudnn.benchmark, TF32
+    side = cfg.augment.crop_size or h  # the model sees crops when augment.crop_size is set
+    m = cfg.model
+    net = build_model(m.name, len(store.classes), c, side, m.width, m.norm, m.act, m.small_input, m.zero_init_residual)
+    if m.pretrained:  # before DDP's broadcast and FSDP's sharding; a resume overwrites it
+        from phalanx.models.pretrained import load_pretrained
+        load_pretrained(net, m.pretrained, len(store.classes))
+    elif cfg.model.whiten and hasattr(net, "whiten_stem"):  # before DDP's broadcast; a resume overwrites it
         train_split = store["train"]
         net.whiten_stem(normalize(evenly_spaced(train_split, 512 if cfg.data.stream else 2048).to(env.device)))
     strategy = build_strategy(cfg, env)
     model = strategy.wrap(net)
-    optimizer = build_optimizer(strategy.plain, cfg.optim)
+    optimizer = build_optimizer(strategy.plain, cfg.optim, fused=env.accel.fused_optimizers)
     ema = strategy.averaged(cfg.ema) if cfg.ema > 0 else None
     return TrainState(model=model, strategy=strategy, optimizer=optimizer,
                       scheduler=build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch),

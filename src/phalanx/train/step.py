@@ -22,9 +22,24 @@ def forward_backward(state: TrainState, batch: Batch, loss_scale: float, label_s
             out = state.model(batch.x)
         # Sum over this rank's images / global batch x world: DDP's mean over ranks then gives the
         # global-batch mean, however unevenly the batch was split.
-        loss_sum = F.cross_entropy(out.float(), batch.y, reduction="sum", label_smoothing=label_smoothing)
+        if batch.lam is None:
+            loss_sum = F.cross_entropy(out.float(), batch.y, reduction="sum", label_smoothing=label_smoothing)
+        else:  # mixup/CutMix: soft targets lam * y + (1 - lam) * y_b
+            loss_sum = mixed_cross_entropy(out.float(), batch.y, batch.y_b, batch.lam, label_smoothing)
         state.precision.backward(loss_sum * loss_scale)
     return loss_sum.detach()
+
+
+def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over the batch of the cross-entropy against the target lam_i * smooth(y_i) + (1 - lam_i) *
+    smooth(y_b_i): F.cross_entropy's label smoothing of each label, mixed (both are linear in the target,
+    so this equals the dense-target cross-entropy timm computes), from one log_softmax."""
+    logp = F.log_softmax(logits, 1)
+    nll = -(lam * logp.gather(1, y[:, None])[:, 0] + (1 - lam) * logp.gather(1, y_b[:, None])[:, 0])
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(1)
+    return nll.sum()
 
 
 def optimizer_step(state: TrainState, grad_clip: float) -> None:

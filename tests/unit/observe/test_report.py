@@ -98,6 +98,7 @@ def test_report_of_a_finished_run(finished):
     text = text_of(page)
     summary = json.loads((finished / "summary.json").read_text())
     assert "Finished: 8 steps of 8" in text and f"{100 * summary['acc']:.2f}%" in text
+    assert f"top-5 accuracy {100 * summary['top5']:.2f}%" in text  # 10 classes: top-5 beside top-1
     for field in ("world size (ranks)", "strategy", "precision", "training wall time", "global_batch = 32"):
         assert field in text
     # The confusion matrix is of the final weights on the run's test split: its accuracy is the run's.
