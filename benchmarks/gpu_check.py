@@ -8,8 +8,8 @@ subprocess and fresh directory, and prints one JSON line per check (`{"check": N
 
   device        GPU, driver, torch/CUDA/cuDNN versions, bf16, the carried wheels importable
   sync_free     training steps (the default recipe's model, then torchvision's ResNet-18) through the loop's
-                own functions under torch.cuda.set_sync_debug_mode("error"), except at the steps where the
-                loop reads the loss and flags: ok, or the first operation that synchronised
+                own functions under torch.cuda.set_sync_debug_mode("warn"), except at the steps where the
+                loop reads the loss and flags: ok, or the first operation that synchronised and every place
   recipe_1gpu   the default recipe on one GPU, evaluated every epoch: time to 93%, img/s, peak memory
   ddp_2rank     2 ranks on the one GPU through DDP with --parallel.backend gloo (the explicit way to share)
   resnet50_overhead  ResNet-50 224x224 synthetic data, bf16, channels-last, eager and compiled: img/s of

@@ -18,7 +18,7 @@ import torch
 
 from phalanx import runtime
 from phalanx.config import AugmentConfig
-from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, uses_extra
+from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, to_device, uses_extra
 from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
 from phalanx.data.store import Split
 
@@ -171,11 +171,10 @@ def augmented(parts: Iterable[tuple[int, int, torch.Tensor, torch.Tensor, torch.
 
 
 def draws_to(params, device: torch.device):
-    """A dataclass of draws (CPU tensors) on `device`: pinned first where the device has page-locked memory,
-    so that the copies are asynchronous (one from pageable memory waits for the device). Identity on CPU."""
+    """A dataclass of draws (CPU tensors) on `device`, each copied by augment.to_device (asynchronously,
+    from page-locked memory where the device has it). Identity on CPU."""
     import dataclasses
-    accel = runtime.of(device)
-    moved = {f.name: accel.pin(v).to(device, non_blocking=True) for f in dataclasses.fields(params)
+    moved = {f.name: to_device(v, device) for f in dataclasses.fields(params)
              if isinstance(v := getattr(params, f.name), torch.Tensor)}
     return dataclasses.replace(params, **moved)
 

@@ -4,7 +4,7 @@
 Counted on CPU by wrapping (not replacing) torch's own ways of reading a tensor's value on the host, and the
 object collectives, around the loop's own step functions; the device is the CPU accelerator with one thing
 changed, `host_reads_sync` (what the CUDA accelerator says). `make gpu-check`'s `sync_free` runs the same
-steps on a GPU under torch.cuda.set_sync_debug_mode("error").
+steps on a GPU under torch.cuda.set_sync_debug_mode, which flags every synchronising operation.
 """
 import collections
 import contextlib
