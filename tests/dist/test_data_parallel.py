@@ -184,6 +184,7 @@ def test_a_rank_that_dies_or_stalls_stops_the_run_with_a_message(cache_dir, smal
     assert not (run_dir / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # ~10 s; test_loader.py::test_every_index_of_an_epoch_is_seen_once_across_ranks covers the fast lane
 def test_no_sample_is_seen_twice_in_an_epoch_across_3_ranks(cache_dir, small_idx, tmp_path):
     # 600 images, global batch 64 over 3 ranks (21/21/22 per step): 9 steps per epoch, 24-image tail.
     r, run_dir = train(cache_dir, small_idx, tmp_path, 3, "--log_samples", "true", "--epochs", "2", steps=0,

@@ -62,6 +62,7 @@ def test_hybrid_sharding_matches_ddp(reference_runs):
     assert_runs_agree(reference_runs(4), hsdp, exact=False)
 
 
+@pytest.mark.slow  # ~23 s: four launches (make test is kept under 10 minutes with its set-up)
 def test_fsdp_per_rank_memory_against_ddp(cache_dir, small_idx, tmp_path):
     """mnist_net (1.2 M parameters): parameters + gradients + optimizer state per rank, from summary.json."""
     from phalanx.models import build_model
