@@ -36,6 +36,21 @@ def test_unknown_key_suggests_the_closest():
         C.build_config(None, [("optim.lrr", "0.1")])
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in C.RECIPES_DIR.glob("*.toml")))
+def test_every_packaged_recipe_validates_as_written_and_says_how_to_use_it(name):
+    import tomllib
+    path = C.resolve_recipe(name)
+    written = tomllib.loads(path.read_text())
+    cfg = C.build_config(name, [])
+    for table, values in written.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(cfg, table), key) == value, f"{name}: {table}.{key}"
+        else:
+            assert getattr(cfg, table) == values, f"{name}: {table}"
+    assert path.read_text().startswith("#") and ("Use: phalanx train" in path.read_text() or name == "fashion_mnist")
+
+
 def test_unknown_key_in_recipe_names_the_file(tmp_path):
     r = tmp_path / "r.toml"
     r.write_text("[optim]\nmomentun = 0.9\n")
