@@ -13,6 +13,7 @@ draws of a second generator (`draw_extra`), so the first one's draws never chang
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return t
     return runtime.of(device).pin(t).to(device, non_blocking=True)
+
+
+def draws_to(params, device: torch.device):
+    """A dataclass of draws (CPU tensors) on `device`, each copied by to_device. Identity on CPU."""
+    moved = {f.name: to_device(v, device) for f in dataclasses.fields(params)
+             if isinstance(v := getattr(params, f.name), torch.Tensor)}
+    return dataclasses.replace(params, **moved)
 
 
 def out_size(cfg: AugmentConfig, h: int, w: int) -> tuple[int, int]:
@@ -181,8 +189,7 @@ def augment_extra(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, params: 
         if ta:
             xf = geometry.apply_colour_ops(xf, extra.ta_op, extra.ta_mag, move)
     else:
-        xf = augment_uint8(x, cfg, AugmentParams(*map(move, (params.dy, params.dx, params.flip, params.cut_y,
-                                                               params.cut_x))))
+        xf = augment_uint8(x, cfg, draws_to(params, x.device))
     out = normalize(xf)
     if extra.erase is not None:
         out = out.masked_fill_(geometry.box_mask(move(extra.erase), oh, ow), 0.0)
@@ -216,9 +223,9 @@ class Normalize:
         return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y.contiguous()
 
 
-def eval_crop_of(cfg: AugmentConfig, side: int) -> tuple[int, float] | None:
+def eval_crop_of(crop_size: int, eval_crop: float, side: int) -> tuple[int, float] | None:
     """(crop side, fraction) of evaluation's resize + centre crop for stored images of `side`, or None
     (crop_size unset or equal to the stored side: the images are evaluated as stored)."""
-    if cfg.crop_size and cfg.crop_size != side:
-        return cfg.crop_size, cfg.eval_crop
+    if crop_size and crop_size != side:
+        return crop_size, float(eval_crop)
     return None

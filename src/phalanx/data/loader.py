@@ -18,7 +18,7 @@ import torch
 
 from phalanx import runtime
 from phalanx.config import AugmentConfig
-from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, to_device, uses_extra
+from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, draws_to, uses_extra
 from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
 from phalanx.data.store import Split
 
@@ -168,15 +168,6 @@ def augmented(parts: Iterable[tuple[int, int, torch.Tensor, torch.Tensor, torch.
         x, y_b, lam = augment_extra(x, y, augment, params.slice(off, off + length),
                                     extra_params.slice(off, off + length), normalize)
         yield Batch(step, micro, x, y, idx, y_b, lam)
-
-
-def draws_to(params, device: torch.device):
-    """A dataclass of draws (CPU tensors) on `device`, each copied by augment.to_device (asynchronously,
-    from page-locked memory where the device has it). Identity on CPU."""
-    import dataclasses
-    moved = {f.name: to_device(v, device) for f in dataclasses.fields(params)
-             if isinstance(v := getattr(params, f.name), torch.Tensor)}
-    return dataclasses.replace(params, **moved)
 
 
 def check_mix_layout(augment: AugmentConfig, sampler: GlobalSampler) -> None:

@@ -50,12 +50,11 @@ def _small_stem(net: nn.Module, name: str) -> None:
     from timm.models.resnet import ResNet
 
     from phalanx.errors import ConfigError
-    from phalanx.models.tv import _conv3x3_like
+    from phalanx.models.tv import _small_resnet
     if not (isinstance(net, ResNet) and isinstance(net.conv1, nn.Conv2d) and isinstance(net.maxpool, nn.MaxPool2d)):
         raise ConfigError(f"model.small_input=True: {name} has no small-image stem here; small_input adapts timm's "
                           f"ResNets with the plain 7x7 stem (timm:resnet18, timm:resnet50, ...)")
-    net.conv1 = _conv3x3_like(net.conv1)
-    net.maxpool = nn.Identity()
+    _small_resnet(net)  # the same conv1 and maxpool attributes as torchvision's ResNet
 
 
 def timm_model(name: str, num_classes: int, in_channels: int, small_input: bool = False,

@@ -194,11 +194,11 @@ def eval_main(cfg, target: Path) -> dict:
 def eval_crop_of_meta(meta: dict) -> tuple[int, float] | None:
     """Evaluation's (crop side, fraction) for weights trained on augment.crop_size crops of stored
     images of image_size (model.json's crop_size and eval_crop), or None."""
+    from phalanx.data.augment import eval_crop_of
     crop, frac = meta.get("crop_size"), meta.get("eval_crop", 0.875)
     number = isinstance(frac, (int, float)) and not isinstance(frac, bool)
-    if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 and crop != meta["image_size"] and number \
-            and 0 < frac <= 1:
-        return crop, float(frac)
+    if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 and number and 0 < frac <= 1:
+        return eval_crop_of(crop, frac, meta["image_size"])
     return None
 
 

@@ -138,8 +138,9 @@ def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
         raise ConfigError(f"global_batch={cfg.global_batch} with grad_accum={cfg.grad_accum} gives fewer images "
                             f"per micro-step than the {env.world} ranks")
     sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, cfg.grad_accum)
+    a = cfg.augment  # evaluation resizes and centre-crops when the model trains on crops
     normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last,
-                          eval_crop_of(cfg.augment, store.shape[0]))  # evaluation's resize + centre crop
+                          eval_crop_of(a.crop_size, a.eval_crop, store.shape[0]))
     if cfg.data.stream:
         loader = streaming.StreamTrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed,
                                              workers)
