@@ -40,8 +40,9 @@ bench: data
 	$(PY) benchmarks/time_to_accuracy.py $(ARGS)
 
 # PyTorch/XLA in its own venv: torch_xla 2.9.0's binary needs torch 2.9.0 exactly (the main venv has a newer
-# torch). Built from the package index once (~5 min, ~7 GB: PyPI's torch is a CUDA build) and kept; the tests
-# run on PJRT's CPU client with 2 virtual devices (one SPMD mesh), not on a TPU.
+# torch). Built from the package index once and kept: ~3 min, 7.2 GB, ~11 GB while installing (PyPI's torch is
+# a CUDA build); --no-cache-dir spares the disk another ~4 GB of wheels that the kept venv makes useless. The
+# tests run on PJRT's CPU client with 2 virtual devices (one SPMD mesh), not on a TPU.
 XVENV  := .venv-xla
 XPY    := $(XVENV)/bin/python
 XSTAMP := $(XVENV)/.phalanx-installed
@@ -51,7 +52,7 @@ setup-xla: $(XSTAMP)
 $(XSTAMP): pyproject.toml
 	@test -x $(XPY) || $(PYTHON) -m venv $(XVENV)
 	$(XPY) -m pip install -q --upgrade pip
-	$(XPY) -m pip install -q -e '.[xla]' 'pytest>=7.4'
+	$(XPY) -m pip install -q --no-cache-dir -e '.[xla]' 'pytest>=7.4'
 	@touch $(XSTAMP)
 
 test-xla: $(XSTAMP)
