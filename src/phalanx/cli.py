@@ -96,6 +96,8 @@ def cmd_train(argv: list[str]) -> int:
     if pos:
         return _fail(f"unexpected argument {pos[0]!r} (options look like --optim.lr=0.1)")
     cfg = C.build_config(recipe, pairs)  # ConfigError -> exit 2 before anything is written
+    if not is_worker():
+        _refuse_impossible_layout(cfg)
     if cfg.data.stream:
         from phalanx.data.streaming import stream_root
         stream_root(cfg.data.path)  # DataError before any run dir
@@ -119,6 +121,19 @@ def cmd_train(argv: list[str]) -> int:
             argv = list(argv) + tune_run(cfg, explicit, model_input_shape(cfg, store.shape), len(store.classes),
                                          cache_dir(cfg.data.cache_dir) / "tune.json")
     return _run_or_launch("train", cfg, argv)
+
+
+def _refuse_impossible_layout(cfg: C.Config) -> None:
+    """An explicit --nproc this node cannot run (more ranks than GPUs under NCCL, `fork` with CUDA): one line
+    before any data is prepared or any layout timed, not minutes later. launch() checks again, `auto` included."""
+    if cfg.parallel.nproc == "auto" or (int(cfg.parallel.nproc) == 1 and cfg.parallel.nnodes == 1):
+        return
+    from phalanx import runtime
+    from phalanx.runtime.dist import check_ranks_fit, resolve_backend
+    from phalanx.runtime.launch import start_method
+    start_method(cfg.parallel, cfg.device)
+    accel = runtime.accelerator(cfg.device)
+    check_ranks_fit(accel, int(cfg.parallel.nproc), resolve_backend(cfg.parallel, accel))
 
 
 def model_input_shape(cfg: C.Config, shape: tuple[int, int, int]) -> tuple[int, int, int]:

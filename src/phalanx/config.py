@@ -244,9 +244,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def default_run_dir(self) -> str:
-        """OUT_DIR/<date>-<time>-<model>: the run directory when none is given."""
+        """OUT_DIR/<date>-<time>-<model>: the run directory when none is given. Characters other than letters,
+        digits, '.', '_' and '-' in the model's name become '-' (`timm:resnet18` -> `timm-resnet18`): TensorBoard's
+        `--logdir` reads a colon as NAME:PATH, and Windows refuses it in a folder name."""
+        import re
         import time
-        return str(Path(self.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.model.name}")
+        model = re.sub(r"[^A-Za-z0-9._-]", "-", self.model.name)
+        return str(Path(self.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}")
 
     def validate(self) -> "Config":
         """Check every value; raise ConfigError naming the field and how to fix it."""

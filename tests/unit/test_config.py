@@ -31,6 +31,15 @@ def test_overrides_dotted_and_leaf_names_and_types():
     assert cfg.parallel.nproc == "2"
 
 
+def test_default_run_dir_names_the_model_without_characters_a_path_tool_would_misread():
+    from pathlib import Path
+    cfg = C.build_config(None, [("model.name", "timm:resnet18"), ("out_dir", "somewhere")])
+    name = Path(cfg.default_run_dir())
+    assert name.parent == Path("somewhere")
+    assert name.name.endswith("-timm-resnet18") and ":" not in name.name
+    assert C.build_config(None, []).default_run_dir().endswith("-phalanx_cnn")
+
+
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"did you mean 'optim.lr'"):
         C.build_config(None, [("optim.lrr", "0.1")])

@@ -130,3 +130,14 @@ def test_cpu_streaming_still_decodes_in_workers(tmp_path):
     # uniform grey images: every pixel of the batch is the image's level (decoded, not encoded bytes)
     levels = sorted({round(float(v) * 255) for v in batch.x.unique()})
     assert all(v in (0, 40, 80) for v in levels), levels
+
+
+def test_phalanx_train_refuses_more_ranks_than_gpus_before_preparing_any_data(monkeypatch, tmp_path, capsys):
+    from phalanx.cli import main
+    from phalanx.data import sources
+    monkeypatch.setitem(runtime.KINDS, "cuda", OneGPU)
+    monkeypatch.setattr(sources, "open_on_node", lambda *a, **k: pytest.fail("data prepared before the refusal"))
+    assert main(["train", "--nproc", "2", "--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "parallel.nproc=2: more ranks on this node than its 1 CUDA device(s)" in err
+    assert not (tmp_path / "run").exists()
