@@ -25,7 +25,8 @@ TUNED_RATE_ENV = "PHALANX_TUNED_IMG_S"
 """img/s the tuner measured for this run, set by the launcher for the ranks: the budget's first estimate."""
 
 BUDGET_EVERY = 5
-"""Optimizer steps between two estimates of the steps that fit in a budget (one small broadcast each)."""
+"""Optimizer steps between two estimates of the steps that fit in a budget (one small broadcast each), where
+reading a value back costs nothing (CPU); see `estimate_every`."""
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -54,6 +55,14 @@ def command_start(new: bool = False) -> float:
     return now
 
 
+def estimate_every(steps_per_epoch: int, host_reads_sync: bool) -> int:
+    """Steps between two estimates. Each is a broadcast from rank 0, which waits for the queued step where a
+    read waits for the device (CUDA, XLA): there at the ranks' agreement cadence (the logging one), when the
+    host reads anyway, so that the step stays free of host synchronisation; every BUDGET_EVERY steps on CPU."""
+    from phalanx.train.cadence import agree_every
+    return max(BUDGET_EVERY, agree_every(steps_per_epoch, host_reads_sync))
+
+
 class Budget:
     """The deadline of a run and the arithmetic of how many steps fit before it."""
 
@@ -61,8 +70,10 @@ class Budget:
     MARGIN_FRAC = 0.03       # and a share of the budget, for the noise of the speed measurement
     FINISH_S = 2.0           # export, summary.json, curves.png
 
-    def __init__(self, seconds: float, start: float, spent_before: float = 0.0, clock=time.time):
+    def __init__(self, seconds: float, start: float, spent_before: float = 0.0, clock=time.time,
+                 every: int = BUDGET_EVERY):
         self.seconds, self.start, self.spent_before, self.clock = seconds, start, spent_before, clock
+        self.every = every  # steps between two estimates (estimate_every)
 
     @property
     def deadline(self) -> float:

@@ -26,7 +26,7 @@ from phalanx.parallel.collectives import broadcast_object, ranks_holding
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
-from phalanx.train.budget import BUDGET_EVERY, eval_seconds_guess
+from phalanx.train.budget import eval_seconds_guess
 from phalanx.train.evaluate import evaluate
 from phalanx.train.finish import finish
 from phalanx.train.setup import Run, setup
@@ -191,7 +191,7 @@ def follow_budget(run: Run, progress: Progress) -> None:
     every rank takes it (the loop, the LR schedule and the progress bar)."""
     run.step_clock.tick()
     pos = run.state.position
-    if pos.global_step % BUDGET_EVERY:
+    if pos.global_step % run.budget.every:
         return
     run.env.phase = f"estimating the steps that fit in the budget at step {pos.global_step}"
     plan = None
@@ -202,7 +202,7 @@ def follow_budget(run: Run, progress: Progress) -> None:
         b, cfg = run.budget, run.cfg
         reserve = b.reserve(run.eval_s if run.eval_s is not None else
                             eval_seconds_guess(len(run.test_data.split), cfg.tta_flip, cfg.global_batch / step_s))
-        total = b.total_steps(pos.global_step, step_s, reserve, cfg.max_steps or None, check_every=BUDGET_EVERY)
+        total = b.total_steps(pos.global_step, step_s, reserve, cfg.max_steps or None, check_every=b.every)
         # when the run is predicted to end, counted from the command's start (earlier attempts included)
         predicted = b.spent() + (total - pos.global_step) * step_s + reserve - b.MARGIN_FRAC * b.seconds
         plan = (total, round(predicted, 1))

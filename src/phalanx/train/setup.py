@@ -26,11 +26,11 @@ from phalanx.parallel.strategy import build_strategy
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.budget import (
-    BUDGET_EVERY,
     TUNED_RATE_ENV,
     Budget,
     StepClock,
     command_start,
+    estimate_every,
     eval_seconds_guess,
     parse_duration,
 )
@@ -211,7 +211,7 @@ def first_estimate(budget: Budget, cfg: C.Config, eval_images: int, global_step:
         img_s = 1000.0
     reserve = budget.reserve(eval_seconds_guess(eval_images, cfg.tta_flip, img_s))
     return budget.total_steps(global_step, cfg.global_batch / img_s, reserve, cfg.max_steps or None,
-                              check_every=BUDGET_EVERY)
+                              check_every=budget.every)
 
 
 def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_steps: int | dict,
@@ -297,7 +297,8 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
     env.phase = "preparing the data"
     store, loader, test_data, normalize, sampler = open_data(cfg, env, run_dir)
     steps_per_epoch = sampler.steps
-    budget = Budget(parse_duration(cfg.budget), command_start()) if cfg.budget else None
+    budget = (Budget(parse_duration(cfg.budget), command_start(),
+                     every=estimate_every(steps_per_epoch, env.accel.host_reads_sync)) if cfg.budget else None)
     total_steps = (steps_per_epoch * cfg.epochs if budget is None else  # rank 0's clock decides for all
                    broadcast_object(first_estimate(budget, cfg, len(test_data.split))))
     if cfg.max_steps:

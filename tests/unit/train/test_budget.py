@@ -1,7 +1,7 @@
 """The budget arithmetic with a fake clock."""
 import pytest
 
-from phalanx.train.budget import Budget, StepClock, eval_seconds_guess, parse_duration
+from phalanx.train.budget import BUDGET_EVERY, Budget, StepClock, estimate_every, eval_seconds_guess, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("90", 90), ("5m", 300), ("1.5h", 5400), (" 2m ", 120)])
@@ -38,6 +38,13 @@ def test_steps_fit_before_the_deadline_with_the_reserve():
     assert b.total_steps(20, 0.25, reserve, cap=100) == 100
     # slow early steps (a warm-up) predict few steps: still enough for the next estimate to correct it
     assert b.total_steps(20, 30.0, reserve, check_every=5) == 26
+
+
+def test_estimates_are_broadcast_at_the_agreement_cadence_where_a_read_waits_for_the_device():
+    from phalanx.train.cadence import log_every
+    assert estimate_every(steps_per_epoch=234, host_reads_sync=False) == BUDGET_EVERY  # CPU: every 5 steps
+    assert estimate_every(234, host_reads_sync=True) == log_every(234) == 50  # CUDA: when the loss is read
+    assert estimate_every(8, host_reads_sync=True) == BUDGET_EVERY  # never more often than on CPU
 
 
 def test_a_resumed_run_has_what_is_left_of_its_budget():
