@@ -4,6 +4,10 @@ Every format holds the model with the run's input normalisation built in:
 
     images (N, C, H, W) -> logits (N, num_classes)
     uint8 images: pixel values 0..255, as decoded; float images: 0..1 (uint8 / 255)
+    H = W = the stored image side; for a run trained on crops (augment.crop_size), the crop side: the
+    images resized and centre-cropped as evaluation does (torchvision's Resize + CenterCrop; model.json's
+    crop_size and eval_crop), which the export's `input` metadata spells out. The resize stays outside the
+    graph, as in torchvision's and timm's exports: it depends on each image's own size.
 
     torchscript   torch.jit.load(PATH)(images): uint8 or float; model.json's contents ride along as
                   the extra file `phalanx.json`
@@ -30,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from phalanx.data.augment import Normalize
+from phalanx.data.augment import Normalize, eval_crop_of
 from phalanx.errors import DataError
 
 FORMATS = ("torchscript", "onnx", "safetensors")
@@ -74,6 +78,7 @@ class Check:
     top1_agree: int
     inputs: tuple[str, ...]
     classes: int
+    shape: str = "images (N, C, H, W)"
 
     @property
     def ok(self) -> bool:
@@ -82,10 +87,16 @@ class Check:
 
 # ----------------------------------------------------------------------------- one function per format
 
+def input_side(meta: dict) -> int:
+    """Side of the images the export takes: the evaluation crop's when the run trained on crops, else the stored."""
+    crop = eval_crop_of(meta.get("crop_size", 0), meta.get("eval_crop", 0.875), meta["image_size"])
+    return crop[0] if crop else meta["image_size"]
+
+
 def export_torchscript(wrapped: ExportedClassifier, meta: dict, path: Path) -> Callable:
     """Trace the model (its forward has no data-dependent branches), script the wrapper (its dtype branch
     stays), save with model.json's contents as `phalanx.json`. Returns a callable on uint8 or float batches."""
-    size, ch = meta["image_size"], meta["in_channels"]
+    size, ch = input_side(meta), meta["in_channels"]
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; this format asks for it
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -105,7 +116,7 @@ def export_onnx(wrapped: ExportedClassifier, meta: dict, path: Path, input_dtype
     except ImportError as e:
         raise ExportError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e.name or e} is missing): "
                           f"{INSTALL_HINT}") from None
-    size, ch = meta["image_size"], meta["in_channels"]
+    size, ch = input_side(meta), meta["in_channels"]
     example = torch.zeros(2, ch, size, size, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
     try:
         torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],
@@ -171,7 +182,14 @@ def export(target: Path, fmt: str, out: Path | None = None, images: list[Path] |
     model, meta = load_weights(target)
     x, source = check_images(run_dir, meta, images or [])
     wrapped = ExportedClassifier(model, meta["mean"], meta["std"]).eval()
-    meta = dict(meta, input="images (N, C, H, W): uint8 0..255 or float 0..1", output="logits (N, num_classes)")
+    side, shape = input_side(meta), "images (N, C, H, W)"
+    if side != meta["image_size"]:  # checked on what it will be given: evaluation's resize + centre crop
+        from phalanx.data.geometry import eval_resize_crop
+        x = eval_resize_crop(x, side, float(meta["eval_crop"]))
+        source += ", resized and centre-cropped as evaluation does"
+        shape = (f"images (N, C, {side}, {side}), resized so that the centre {meta['eval_crop']} of their side is "
+                 f"{side} px, then centre-cropped to {side}x{side}")
+    meta = dict(meta, input=f"{shape}: uint8 0..255 or float 0..1", output="logits (N, num_classes)")
     out = Path(out) if out else default_path(run_dir, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
@@ -187,6 +205,7 @@ def export(target: Path, fmt: str, out: Path | None = None, images: list[Path] |
             else:
                 raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
             check = compare(model, meta, run, x, source, inputs)
+            check.shape = shape
         if not check.ok:
             raise ExportError(f"{out}: the {fmt} model's logits differ from PyTorch's by up to {check.max_diff:.3g} "
                               f"on {check.images} images ({check.source}), more than the tolerance "
@@ -260,7 +279,7 @@ def describe(path: Path, fmt: str, check: Check) -> str:
     """What `phalanx export` prints."""
     mb = path.stat().st_size / 2**20
     inputs = " and ".join(check.inputs)
-    return (f"exported {path} ({fmt}, {mb:.2f} MB): {inputs} images (N, C, H, W) -> logits (N, {check.classes})\n"
+    return (f"exported {path} ({fmt}, {mb:.2f} MB): {inputs} {check.shape} -> logits (N, {check.classes})\n"
             f"checked against the PyTorch model on {check.images} images ({check.source}), {inputs} input: "
             f"max |logit difference| {check.max_diff:.2e} (tolerance {check.tolerance:.2e}), top-1 agrees on "
             f"{check.top1_agree}/{check.images}")

@@ -107,3 +107,24 @@ def test_bad_export_options_are_one_line(tiny_run, argv, needle, capsys):
     assert main(["export", str(tiny_run), *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_a_run_trained_on_crops_exports_a_model_of_crops_checked_as_evaluation_feeds_it(tiny_run, tmp_path, capsys):
+    """model.json's crop_size: the export takes evaluation's resized, centre-cropped images, and says so."""
+    from phalanx.data.geometry import eval_resize_crop
+    ort = pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps(dict(meta, crop_size=24, eval_crop=0.875)))
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "images (N, C, 24, 24), resized so that the centre 0.875 of their side is 24 px" in printed
+    assert "resized and centre-cropped as evaluation does" in printed
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [1, 24, 24]
+    assert "24, 24" in json.loads(session.get_modelmeta().custom_metadata_map["phalanx"])["input"]
+    x = eval_resize_crop(_images(6), 24, 0.875)  # what `phalanx eval` feeds the model
+    got = session.run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, _reference(run, x).numpy(), atol=1e-5, rtol=1e-5)
