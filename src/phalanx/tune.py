@@ -340,6 +340,9 @@ def tune_run(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: 
     if q is None or not q.open:
         return []
     device = device_of(q)
+    if q.kind == "cuda":  # timed with the settings training runs with: cuDNN autotuning, TF32 (--tf32)
+        from phalanx import runtime
+        runtime.accelerator(cfg.device).configure_training(deterministic=cfg.deterministic, tf32=cfg.tf32)
     choice, record = decide(q, cache, lambda c: measure_choice(c, q, device=device))
     say(f"phalanx: {summary_line(choice, record)}")
     if record.get("rates"):  # a --budget's first estimate of the speed, before the ranks measure their own

@@ -114,3 +114,34 @@ def test_a_real_measurement_of_a_tiny_model(nproc):
     q = _q(cores=2, layouts=((nproc, 1),), model=("phalanx_cnn", 8, "batch", "relu"), global_batch=64)
     rate = tune.measure_choice(Choice(nproc, 1, "fp32", True), q, min_seconds=0.05, max_steps=2)
     assert rate > 0
+
+
+def test_on_a_gpu_the_choice_is_timed_with_the_settings_training_uses(monkeypatch, tmp_path):
+    from phalanx import runtime
+    from phalanx.runtime import CUDAAccelerator
+    from phalanx.train.budget import TUNED_RATE_ENV
+    monkeypatch.setenv(TUNED_RATE_ENV, "")
+    settings = []
+
+    class OneGPU(CUDAAccelerator):
+        @classmethod
+        def is_available(cls) -> bool:
+            return True
+
+        def device_count(self) -> int:
+            return 1
+
+        def configure_training(self, deterministic: bool, tf32: bool) -> None:
+            settings.append((deterministic, tf32))
+
+    def measure(c, q, device=None):
+        assert settings == [(False, False)], "measured before cuDNN autotuning / TF32 were set as training sets them"
+        assert device.type == "cuda" and q.layouts == ((1, 1),)
+        return 100.0 + c.channels_last
+
+    monkeypatch.setitem(runtime.KINDS, "cuda", OneGPU)
+    monkeypatch.setattr(tune, "measure_choice", measure)
+    cfg = Config()
+    cfg.tf32 = False
+    argv = tune.tune_run(cfg, set(), (32, 32, 3), 10, tmp_path / "tune.json", lambda line: None)
+    assert argv == ["--model.channels_last", "true"] and settings == [(False, False)]
