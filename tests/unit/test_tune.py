@@ -118,19 +118,12 @@ def test_a_real_measurement_of_a_tiny_model(nproc):
 
 def test_on_a_gpu_the_choice_is_timed_with_the_settings_training_uses(monkeypatch, tmp_path):
     from phalanx import runtime
-    from phalanx.runtime import CUDAAccelerator
     from phalanx.train.budget import TUNED_RATE_ENV
+    from tests.unit.runtime.test_cuda_path import OneGPU
     monkeypatch.setenv(TUNED_RATE_ENV, "")
     settings = []
 
-    class OneGPU(CUDAAccelerator):
-        @classmethod
-        def is_available(cls) -> bool:
-            return True
-
-        def device_count(self) -> int:
-            return 1
-
+    class RecordingGPU(OneGPU):
         def configure_training(self, deterministic: bool, tf32: bool) -> None:
             settings.append((deterministic, tf32))
 
@@ -139,7 +132,7 @@ def test_on_a_gpu_the_choice_is_timed_with_the_settings_training_uses(monkeypatc
         assert device.type == "cuda" and q.layouts == ((1, 1),)
         return 100.0 + c.channels_last
 
-    monkeypatch.setitem(runtime.KINDS, "cuda", OneGPU)
+    monkeypatch.setitem(runtime.KINDS, "cuda", RecordingGPU)
     monkeypatch.setattr(tune, "measure_choice", measure)
     cfg = Config()
     cfg.tf32 = False
