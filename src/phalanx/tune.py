@@ -2,7 +2,9 @@
 
     candidates  on CPU every layout of this node's cores (N ranks x T threads, N x T = cores), bf16 and
                 fp32 where bf16 is native, channels-last and contiguous; on a GPU channels-last and
-                contiguous (one rank per GPU, bf16 where supported, are not in question)
+                contiguous (one rank per GPU, bf16 where supported, are not in question), compiled
+                when the run compiles (`--model.compile`; on a CPU the candidates are timed eager: the
+                threads that stand for ranks would compile concurrently)
     measure     each candidate trains a few steps of the real model on a synthetic batch of the real
                 image shape. N Python threads stand for the N ranks (torch ops release the GIL; each
                 thread runs its ops on T intra-op threads), each with its own copy of the model and 1/N
@@ -61,6 +63,7 @@ class Question:
     shape: tuple[int, int, int]  # (h, w, c)
     num_classes: int
     global_batch: int            # images per micro-step summed over the ranks
+    compile_mode: str = ""       # torch.compile's mode when the run compiles on a GPU (timed compiled), else ""
 
     @property
     def open(self) -> bool:
@@ -141,6 +144,8 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
         try:
             torch.manual_seed(r)
             net = build_model(q.model[0], q.num_classes, ch, h, *q.model[1:]).to(device, memory_format=fmt)
+            if q.compile_mode:  # compiled in the first warm-up step, which is not timed
+                net = torch.compile(net, mode=q.compile_mode)
             opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
             x = torch.randn(per_rank, ch, h, w, device=device).contiguous(memory_format=fmt)
             y = torch.randint(0, q.num_classes, (per_rank,), device=device)
@@ -328,8 +333,9 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
         precisions = ({None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],)
     formats = (cfg.model.channels_last,) if "model.channels_last" in explicit else (True, False)
     m = cfg.model
+    compile_mode = m.compile_mode if m.compile and accel.kind == "cuda" else ""
     return Question(accel.kind, cores, layouts, precisions, formats, (m.name, m.width, m.norm, m.act, m.small_input),
-                    tuple(shape), num_classes, micro)
+                    tuple(shape), num_classes, micro, compile_mode)
 
 
 def tune_run(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: int, cache: Path,

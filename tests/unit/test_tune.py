@@ -138,3 +138,25 @@ def test_on_a_gpu_the_choice_is_timed_with_the_settings_training_uses(monkeypatc
     cfg.tf32 = False
     argv = tune.tune_run(cfg, set(), (32, 32, 3), 10, tmp_path / "tune.json", lambda line: None)
     assert argv == ["--model.channels_last", "true"] and settings == [(False, False)]
+
+
+def test_a_compiling_run_on_a_gpu_is_timed_compiled_and_cached_apart(monkeypatch):
+    from phalanx import runtime
+    from tests.unit.runtime.test_cuda_path import OneGPU
+    cfg = Config()
+    cfg.model.compile, cfg.model.compile_mode = True, "max-autotune"
+    cfg.device = "cpu"
+    assert tune.question_for(cfg, set(), (28, 28, 1), 10).compile_mode == ""  # CPU: timed eager
+    monkeypatch.setitem(runtime.KINDS, "cuda", OneGPU)
+    cfg.device = "auto"
+    q = tune.question_for(cfg, set(), (32, 32, 3), 10)
+    assert q.kind == "cuda" and q.compile_mode == "max-autotune"
+    cfg.model.compile = False
+    eager = tune.question_for(cfg, set(), (32, 32, 3), 10)
+    assert eager.compile_mode == "" and tune.cache_key(eager) != tune.cache_key(q)
+    compiled = []
+    monkeypatch.setattr("torch.compile", lambda net, mode=None: compiled.append(mode) or net)
+    q = _q(cores=2, layouts=((1, 1),), model=("phalanx_cnn", 8, "batch", "relu"), global_batch=16,
+           compile_mode="max-autotune")  # the measurement itself, on this CPU
+    assert tune.measure_choice(Choice(1, 1, "fp32", True), q, min_seconds=0.01, max_steps=2) > 0
+    assert compiled == ["max-autotune"]
