@@ -96,6 +96,10 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         store_on_rank0=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True",
     )
     e.accel = runtime.accelerator(device_pref)
+    if e.world > 1 and e.accel.kind == "xla":  # config refuses --nproc > 1 with --device xla; torchrun sets WORLD_SIZE
+        raise ConfigError(f"--device xla: this process is rank {e.rank} of {e.world} (started by torchrun?), but one "
+                          f"process per host drives all of its XLA devices as one SPMD program; run `phalanx train "
+                          f"--device xla` once on each host, without torchrun")
     backend = resolve_backend(pcfg, e.accel)
     if e.world > 1:  # under a bare torchrun too; `phalanx train --nproc` refuses before starting the ranks
         check_ranks_fit(e.accel, e.local_world, backend)

@@ -44,3 +44,16 @@ def test_the_step_hooks_do_nothing_on_cpu():
 def test_xla_runs_one_spmd_process_per_host_and_refuses_what_does_not_fit(flag, value, field):
     with pytest.raises(ConfigError, match=f"{field}=.*--device xla"):
         C.build_config(None, [("device", "xla"), (flag, value)])
+
+
+def test_a_bare_torchrun_of_several_ranks_on_xla_is_one_line_before_any_process_group(monkeypatch):
+    from phalanx.config import ParallelConfig
+    from phalanx.runtime import dist as rdist
+    monkeypatch.setattr(xla, "has_torch_xla", lambda: True)
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(rdist.dist, "init_process_group", lambda *a, **k: pytest.fail("joined a process group"))
+    with pytest.raises(ConfigError, match=r"^--device xla: this process is rank 1 of 4 \(started by torchrun\?\)") as e:
+        rdist.init(ParallelConfig(), "xla")
+    assert "\n" not in str(e.value) and "without torchrun" in str(e.value)
