@@ -128,12 +128,8 @@ def _refuse_impossible_layout(cfg: C.Config) -> None:
     before any data is prepared or any layout timed, not minutes later. launch() checks again, `auto` included."""
     if cfg.parallel.nproc == "auto" or (int(cfg.parallel.nproc) == 1 and cfg.parallel.nnodes == 1):
         return
-    from phalanx import runtime
-    from phalanx.runtime.dist import check_ranks_fit, resolve_backend
-    from phalanx.runtime.launch import start_method
-    start_method(cfg.parallel, cfg.device)
-    accel = runtime.accelerator(cfg.device)
-    check_ranks_fit(accel, int(cfg.parallel.nproc), resolve_backend(cfg.parallel, accel))
+    from phalanx.runtime.launch import check_layout
+    check_layout(cfg.parallel, int(cfg.parallel.nproc), cfg.device)
 
 
 def model_input_shape(cfg: C.Config, shape: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from phalanx.data.augment import Normalize, eval_crop_of
+from phalanx.data.augment import Normalize
 from phalanx.errors import DataError
 
 FORMATS = ("torchscript", "onnx", "safetensors")
@@ -89,7 +89,8 @@ class Check:
 
 def input_side(meta: dict) -> int:
     """Side of the images the export takes: the evaluation crop's when the run trained on crops, else the stored."""
-    crop = eval_crop_of(meta.get("crop_size", 0), meta.get("eval_crop", 0.875), meta["image_size"])
+    from phalanx.train.evaluate import eval_crop_of_meta
+    crop = eval_crop_of_meta(meta)
     return crop[0] if crop else meta["image_size"]
 
 
@@ -175,19 +176,20 @@ def export(target: Path, fmt: str, out: Path | None = None, images: list[Path] |
            input_dtype: str = "uint8") -> tuple[Path, Check]:
     """Write the run's model in `fmt` and check it; (the file, the check). ExportError when the check fails
     (nothing is left at `out` then), DataError / CheckpointError for unusable inputs."""
-    from phalanx.train.evaluate import load_weights
+    from phalanx.train.evaluate import eval_crop_of_meta, load_weights
 
     target = Path(target)
     run_dir = target if target.is_dir() else target.parent
     model, meta = load_weights(target)
     x, source = check_images(run_dir, meta, images or [])
     wrapped = ExportedClassifier(model, meta["mean"], meta["std"]).eval()
-    side, shape = input_side(meta), "images (N, C, H, W)"
-    if side != meta["image_size"]:  # checked on what it will be given: evaluation's resize + centre crop
+    shape, crop = "images (N, C, H, W)", eval_crop_of_meta(meta)
+    if crop is not None:  # checked on what it will be given: evaluation's resize + centre crop
         from phalanx.data.geometry import eval_resize_crop
-        x = eval_resize_crop(x, side, float(meta["eval_crop"]))
+        x = eval_resize_crop(x, *crop)
         source += ", resized and centre-cropped as evaluation does"
-        shape = (f"images (N, C, {side}, {side}), resized so that the centre {meta['eval_crop']} of their side is "
+        side, frac = crop
+        shape = (f"images (N, C, {side}, {side}), resized so that the centre {frac} of their side is "
                  f"{side} px, then centre-cropped to {side}x{side}")
     meta = dict(meta, input=f"{shape}: uint8 0..255 or float 0..1", output="logits (N, num_classes)")
     out = Path(out) if out else default_path(run_dir, fmt)

@@ -129,9 +129,7 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
     `phases`, when given, receives rank 0's mean seconds per step of forward + backward ("compute_s"),
     of the gradient all-reduce ("comm_s", not overlapped with backward here, unlike DDP), of the
     optimizer ("optim_s"), and the bytes all-reduced per step ("grad_bytes")."""
-    from phalanx.models import build_model
     device = device or torch.device("cpu")
-    h, w, ch = q.shape
     per_rank = max(1, q.global_batch // c.nproc)
     dtype = torch.bfloat16 if c.precision == "bf16" else None
     fmt = torch.channels_last if c.channels_last else torch.contiguous_format
@@ -142,14 +140,7 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
 
     def rank(r: int) -> None:
         try:
-            torch.manual_seed(r)
-            net = build_model(q.model[0], q.num_classes, ch, h, *q.model[1:]).to(device, memory_format=fmt)
-            if q.compile_mode:  # compiled in the first warm-up step, which is not timed
-                net = torch.compile(net, mode=q.compile_mode)
-            opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-            x = torch.randn(per_rank, ch, h, w, device=device).contiguous(memory_format=fmt)
-            y = torch.randint(0, q.num_classes, (per_rank,), device=device)
-
+            net, opt, x, y = _synthetic_rank(q, per_rank, device, fmt, seed=r)
             split = {"compute_s": 0.0, "comm_s": 0.0, "optim_s": 0.0, "grad_bytes": 0}
 
             def sync() -> float:
@@ -203,6 +194,20 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
     if errors:
         raise errors[0]
     return q.global_batch / max(times)
+
+
+def _synthetic_rank(q: Question, per_rank: int, device: torch.device, fmt: torch.memory_format, seed: int):
+    """(model, optimizer, images, labels) of one measured rank: its copy of the model (compiled when the run
+    compiles: in the first warm-up step, which is not timed) and a synthetic batch of its share."""
+    from phalanx.models import build_model
+    h, w, ch = q.shape
+    torch.manual_seed(seed)
+    net = build_model(q.model[0], q.num_classes, ch, h, *q.model[1:]).to(device, memory_format=fmt)
+    if q.compile_mode:
+        net = torch.compile(net, mode=q.compile_mode)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(per_rank, ch, h, w, device=device).contiguous(memory_format=fmt)
+    return net, opt, x, torch.randint(0, q.num_classes, (per_rank,), device=device)
 
 
 def _thread_groups(n: int):

@@ -153,6 +153,16 @@ def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
     return accel.start_method
 
 
+def check_layout(pcfg: ParallelConfig, nproc: int, device_pref: str) -> str:
+    """The start method of `nproc` ranks on this node; ConfigError, one line, for a layout it cannot run (more
+    ranks than GPUs under NCCL, `fork` with CUDA)."""
+    from phalanx.runtime.dist import check_ranks_fit, resolve_backend
+    method = start_method(pcfg, device_pref)
+    accel = runtime.accelerator(device_pref)
+    check_ranks_fit(accel, nproc, resolve_backend(pcfg, accel))
+    return method
+
+
 def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None,
            device_pref: str = "auto") -> int:
     """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code.
@@ -168,11 +178,7 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
-    from phalanx.runtime.dist import check_ranks_fit, resolve_backend
-
-    method = start_method(pcfg, device_pref)  # the refusals first, before anything starts
-    accel = runtime.accelerator(device_pref)
-    check_ranks_fit(accel, nproc, resolve_backend(pcfg, accel))
+    method = check_layout(pcfg, nproc, device_pref)  # the refusals first, before anything starts
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torchrun would otherwise force 1 and print a banner
     # Workers sharing the rendezvous TCPStore can read the previous attempt's keys after an elastic
     # restart and hang in process-group init (pytorch/pytorch#135712): give each attempt its own store.
