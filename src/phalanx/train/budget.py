@@ -105,24 +105,34 @@ def eval_seconds_guess(eval_images: int, tta: bool, train_img_s: float) -> float
 
 
 class StepClock:
-    """Seconds per optimizer step over the last `window` steps, measured after `warmup` steps of this
-    process (which pay for one-time costs: allocator, kernel selection, first copies)."""
+    """Seconds per optimizer step over the last `window` or more steps, measured after `warmup` steps of this
+    process (which pay for one-time costs: allocator, kernel selection, first copies).
+
+    The clock is read at marked steps only: the budget marks the steps where it estimates, each followed by
+    a broadcast that waits for the device. Where the host runs ahead of the device between two such waits
+    (CUDA, XLA), a reading in between times the host's enqueueing, not the device's work (a window inside one
+    interval of 50 steps would see a tiny model's steps at the speed of their kernel launches); readings all
+    taken just before a wait stand at the same point of that cycle, so the host's lead cancels out."""
 
     def __init__(self, warmup: int = 3, window: int = 20, clock=time.perf_counter):
         self.warmup, self.window, self.clock = warmup, window, clock
         self.seen = 0
-        self.times: list[float] = []
+        self.marks: list[tuple[int, float]] = []  # (steps this process has run, clock)
 
-    def tick(self) -> None:
+    def tick(self, mark: bool = True) -> None:
+        """One optimizer step done; `mark`: read the clock (at a point where the host waits for the device)."""
         self.seen += 1
-        if self.seen >= self.warmup:
-            self.times = (self.times + [self.clock()])[-(self.window + 1):]
+        if self.seen >= self.warmup and mark:
+            self.marks.append((self.seen, self.clock()))
+            while len(self.marks) > 2 and self.marks[-1][0] - self.marks[1][0] >= self.window:
+                self.marks.pop(0)
 
     def ready(self) -> bool:
         """The warm-up is over: what runs now runs at its steady speed."""
         return self.seen >= self.warmup
 
     def step_s(self) -> float | None:
-        if len(self.times) < 3:
+        if len(self.marks) < 2:
             return None
-        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / (s1 - s0)

@@ -189,8 +189,8 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
 def follow_budget(run: Run, progress: Progress) -> None:
     """Every few steps, rank 0 measures the speed and sets the step count that fits before the deadline;
     every rank takes it (the loop, the LR schedule and the progress bar)."""
-    run.step_clock.tick()
     pos = run.state.position
+    run.step_clock.tick(mark=pos.global_step % run.budget.every == 0)
     if pos.global_step % run.budget.every:
         return
     run.env.phase = f"estimating the steps that fit in the budget at step {pos.global_step}"

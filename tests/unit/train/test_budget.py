@@ -63,6 +63,26 @@ def test_past_the_deadline_one_more_step_still_ends_the_run_with_an_evaluation()
     assert b.total_steps(7, 0.5, reserve_s=1.0) == 8
 
 
+def test_step_clock_times_the_device_where_the_host_runs_ahead_of_it_between_estimates():
+    """A GPU-like run: the host queues a step in 1 ms, the device runs it in 10 ms, and the host waits for the
+    device only at the budget's estimates (every 50 steps, a broadcast). Clock readings between two waits
+    time the queueing; readings at the estimates time the device."""
+    host = FakeClock(0.0)
+    device_done = 0.0
+    every_step = StepClock(warmup=3, window=20, clock=host)  # what a reading at every step would see
+    at_marks = StepClock(warmup=3, window=20, clock=host)
+    for step in range(1, 301):
+        host.t += 0.001
+        device_done = max(device_done, host.t) + 0.010
+        every_step.tick()
+        at_marks.tick(mark=step % 50 == 0)
+        if step % 50 == 0:
+            if step >= 100:
+                assert at_marks.step_s() == pytest.approx(0.010, rel=0.02), step
+                assert every_step.step_s() == pytest.approx(0.001)  # 10x too fast: 10x the steps that fit
+            host.t = max(host.t, device_done)  # the estimate's broadcast waits for the queued steps
+
+
 def test_step_clock_skips_the_warm_up_and_follows_recent_steps():
     t = FakeClock(0.0)
     sc = StepClock(warmup=3, window=4, clock=t)
