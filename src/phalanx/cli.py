@@ -139,12 +139,13 @@ def model_input_shape(cfg: C.Config, shape: tuple[int, int, int]) -> tuple[int, 
 
 
 def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None = None) -> int:
+    from phalanx.data.mix import mix_layout_error, world_fits
     from phalanx.runtime import dist as penv
     from phalanx.runtime.launch import launch, resolve_nproc
 
-    nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum)
-    if sub == "train" and not penv.is_worker() and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
-        from phalanx.data.mix import mix_layout_error
+    fits = world_fits(cfg.augment, cfg.global_batch, cfg.grad_accum) if sub == "train" else None
+    nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum, fits)
+    if fits is not None and not penv.is_worker():
         from phalanx.errors import ConfigError
         # Here, once, rather than from every rank (each would print it inside the elastic agent's report).
         if why_not := mix_layout_error(cfg.global_batch, cfg.grad_accum, nproc * cfg.parallel.nnodes):

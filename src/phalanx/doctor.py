@@ -343,10 +343,12 @@ def dataset_info(cache_configured: str, notes: list[str]) -> dict:
 def layout_info(cfg, notes: list[str]) -> dict | None:
     """What `phalanx train --nproc auto` chooses with the default recipe's global batch."""
     from phalanx import runtime
+    from phalanx.data.mix import world_fits
     from phalanx.runtime.dist import threads_per_rank
     from phalanx.runtime.launch import resolve_nproc
     try:
-        nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum)
+        nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum,
+                                   world_fits(cfg.augment, cfg.global_batch, cfg.grad_accum))
         accel = runtime.accelerator(cfg.device)
     except (ValueError, RuntimeError) as e:
         notes.append(f"--nproc auto: cannot choose a layout ({e})")

@@ -316,6 +316,7 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
     so they use the rule); precision with `--precision auto` where bf16 is native on the CPU (a GPU
     takes bf16 where it has it); the memory format unless `--model.channels_last` was given."""
     from phalanx import runtime
+    from phalanx.data.mix import world_fits
     from phalanx.runtime.cpu import cpu_has_bf16, usable_cores
     from phalanx.runtime.dist import threads_per_rank
     from phalanx.runtime.launch import resolve_nproc
@@ -324,10 +325,13 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
         return None
     micro = cfg.global_batch // cfg.grad_accum
     cores = usable_cores()
+    fits = world_fits(cfg.augment, cfg.global_batch, cfg.grad_accum)
     if accel.kind == "cpu" and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
         layouts = layouts_for(cores, micro)
+        if fits is not None:  # only layouts the run can use (mixup's pairs whole on each rank)
+            layouts = tuple(lay for lay in layouts if fits(lay[0])) or layouts
     else:
-        n, _ = resolve_nproc(cfg.parallel, cfg.device, micro)
+        n, _ = resolve_nproc(cfg.parallel, cfg.device, micro, fits)
         layouts = ((n, threads_per_rank(cfg.parallel, n)),)
     if accel.kind == "cuda":  # one rank per GPU: measure one rank's share on one GPU
         micro, layouts = max(1, micro // layouts[0][0]), ((1, 1),)

@@ -92,6 +92,16 @@ def test_question_follows_what_the_user_fixed(monkeypatch):
     assert q.layouts == ((2, 2),) and q.precisions == ("fp32",) and q.memory_formats == (True,) and not q.open
 
 
+def test_with_mixup_only_layouts_that_keep_its_pairs_whole_are_timed(monkeypatch):
+    monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 6)
+    monkeypatch.setattr("phalanx.runtime.dist.usable_cores", lambda: 6)
+    cfg = Config()
+    cfg.device, cfg.global_batch = "cpu", 256
+    assert tune.question_for(cfg, set(), (28, 28, 1), 10).layouts == ((1, 6), (2, 3), (3, 2), (6, 1))
+    cfg.augment.cutmix = 1.0  # 3 ranks get 86/85/85 images and 6 ranks 43 or 42: pairs cut in two
+    assert tune.question_for(cfg, set(), (28, 28, 1), 10).layouts == ((1, 6), (2, 3))
+
+
 def test_tune_run_applies_the_choice_to_the_config_and_the_ranks(monkeypatch, tmp_path):
     from phalanx.train.budget import TUNED_RATE_ENV
     monkeypatch.setenv(TUNED_RATE_ENV, "")  # restored afterwards: tune_run sets it for the ranks it precedes

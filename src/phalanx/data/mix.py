@@ -12,6 +12,8 @@ refused (`mix_layout_error`). Each pair draws its own lambda (Beta(alpha, alpha)
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -31,6 +33,13 @@ def mix_layout_error(global_batch: int, accum: int, world: int) -> str | None:
     return (f"global_batch={global_batch} (grad_accum={accum}) splits into parts of {parts} images over {world} "
             f"rank(s), which would cut mixup/CutMix's pairs (2i, 2i+1 of the global batch) in two; use a "
             f"global_batch that is a multiple of {good} (2 x ranks x grad_accum), e.g. {near}")
+
+
+def world_fits(augment, global_batch: int, accum: int) -> Callable[[int], bool] | None:
+    """With mixup or CutMix on, whether a world size keeps their pairs whole on each rank; None when off."""
+    if not (augment.mixup > 0 or augment.cutmix > 0):
+        return None
+    return lambda world: mix_layout_error(global_batch, accum, world) is None
 
 
 def draw_mix(rng: np.random.Generator, g: torch.Generator, batch: int, h: int, w: int, mixup: float,

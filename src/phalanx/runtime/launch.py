@@ -11,17 +11,28 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from phalanx import runtime
 from phalanx.config import ParallelConfig
 
 
-def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 512) -> tuple[int, str]:
+def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 512,
+                  fits: Callable[[int], bool] | None = None) -> tuple[int, str]:
     """(ranks on this node, why): `auto` is one rank per GPU, or on CPU one single-thread rank per core,
-    capped so that every rank still gets at least 32 images per step."""
+    capped so that every rank still gets at least 32 images per step. `fits(world)` says whether the run
+    can use a world size (mixup's pairs must not straddle ranks): on CPU, where ranks are a layout of the
+    same cores, `auto` then takes the most ranks that fit; GPUs are not left idle (the run refuses instead)."""
     if pcfg.nproc != "auto":
         return int(pcfg.nproc), "as asked"
-    return runtime.accelerator(device_pref).auto_nproc(global_batch)
+    accel = runtime.accelerator(device_pref)
+    n, why = accel.auto_nproc(global_batch)
+    if fits is None or accel.kind != "cpu" or fits(n * pcfg.nnodes):
+        return n, why
+    fitting = next((k for k in range(n - 1, 0, -1) if fits(k * pcfg.nnodes)), None)
+    if fitting is None:  # no world size fits (an odd global batch): the run refuses and says why
+        return n, why
+    return fitting, f"{why}; {fitting}, the most that keep mixup/CutMix's pairs whole"
 
 
 def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:

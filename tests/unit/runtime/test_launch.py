@@ -28,6 +28,16 @@ def test_nproc_as_asked_or_chosen_by_the_accelerator():
     assert 1 <= n <= 2 and "core" in why  # >= 32 images per rank
 
 
+def test_auto_on_cpu_takes_the_most_ranks_that_keep_mixup_pairs_whole(monkeypatch):
+    from phalanx.data.mix import mix_layout_error
+    monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 6)
+    pcfg = ParallelConfig(nproc="auto")
+    assert resolve_nproc(pcfg, "cpu", global_batch=256)[0] == 6  # 43/43/43/43/42/42 images: fine without mixup
+    n, why = resolve_nproc(pcfg, "cpu", 256, lambda world: mix_layout_error(256, 1, world) is None)
+    assert n == 4 and "mixup" in why  # 6 and 5 ranks would cut pairs in two; 4 ranks get 64 images each
+    assert resolve_nproc(ParallelConfig(nproc="6"), "cpu", 256, lambda world: False) == (6, "as asked")
+
+
 def test_start_method_is_the_accelerators_unless_asked():
     assert start_method(ParallelConfig(), "cpu") == "fork"
     assert start_method(ParallelConfig(start_method="spawn"), "cpu") == "spawn"
