@@ -143,7 +143,7 @@ def _run_or_launch(sub: str, cfg: C.Config, argv: list[str], target: Path | None
     from phalanx.runtime import dist as penv
     from phalanx.runtime.launch import launch, resolve_nproc
 
-    fits = world_fits(cfg.augment, cfg.global_batch, cfg.grad_accum) if sub == "train" else None
+    fits = world_fits(cfg) if sub == "train" else None
     nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum, fits)
     if fits is not None and not penv.is_worker():
         from phalanx.errors import ConfigError

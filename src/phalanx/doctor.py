@@ -347,8 +347,7 @@ def layout_info(cfg, notes: list[str]) -> dict | None:
     from phalanx.runtime.dist import threads_per_rank
     from phalanx.runtime.launch import resolve_nproc
     try:
-        nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum,
-                                   world_fits(cfg.augment, cfg.global_batch, cfg.grad_accum))
+        nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum, world_fits(cfg))
         accel = runtime.accelerator(cfg.device)
     except (ValueError, RuntimeError) as e:
         notes.append(f"--nproc auto: cannot choose a layout ({e})")

@@ -325,7 +325,7 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
         return None
     micro = cfg.global_batch // cfg.grad_accum
     cores = usable_cores()
-    fits = world_fits(cfg.augment, cfg.global_batch, cfg.grad_accum)
+    fits = world_fits(cfg)
     if accel.kind == "cpu" and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
         layouts = layouts_for(cores, micro)
         if fits is not None:  # only layouts the run can use (mixup's pairs whole on each rank)

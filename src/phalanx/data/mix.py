@@ -35,11 +35,12 @@ def mix_layout_error(global_batch: int, accum: int, world: int) -> str | None:
             f"global_batch that is a multiple of {good} (2 x ranks x grad_accum), e.g. {near}")
 
 
-def world_fits(augment, global_batch: int, accum: int) -> Callable[[int], bool] | None:
-    """With mixup or CutMix on, whether a world size keeps their pairs whole on each rank; None when off."""
-    if not (augment.mixup > 0 or augment.cutmix > 0):
+def world_fits(cfg) -> Callable[[int], bool] | None:
+    """With the run's (`cfg`, a Config) mixup or CutMix on, whether a world size keeps their pairs whole on each
+    rank; None when both are off."""
+    if not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
         return None
-    return lambda world: mix_layout_error(global_batch, accum, world) is None
+    return lambda world: mix_layout_error(cfg.global_batch, cfg.grad_accum, world) is None
 
 
 def draw_mix(rng: np.random.Generator, g: torch.Generator, batch: int, h: int, w: int, mixup: float,

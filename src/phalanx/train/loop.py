@@ -190,8 +190,9 @@ def follow_budget(run: Run, progress: Progress) -> None:
     """Every few steps, rank 0 measures the speed and sets the step count that fits before the deadline;
     every rank takes it (the loop, the LR schedule and the progress bar)."""
     pos = run.state.position
-    run.step_clock.tick(mark=pos.global_step % run.budget.every == 0)
-    if pos.global_step % run.budget.every:
+    due = pos.global_step % run.budget.every == 0
+    run.step_clock.tick(mark=due)  # the clock is read only where the estimate's broadcast waits for the device
+    if not due:
         return
     run.env.phase = f"estimating the steps that fit in the budget at step {pos.global_step}"
     plan = None
