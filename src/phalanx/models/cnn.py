@@ -46,6 +46,24 @@ def conv_bn(cin: int, cout: int, norm: str = "batch", act: str = "relu") -> nn.S
                          ACTIVATIONS[act]())
 
 
+def global_max_pool(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 1, 1), the largest value of each channel.
+
+    Two forms of one result (a maximum is exact either way): adaptive_max_pool2d while training, whose
+    backward sends each gradient to one position (~3% faster steps than amax's on a 2-core AMD EPYC,
+    width-24 house CNN), and amax otherwise, because the ONNX exporter of torch 2.9-2.11 has no
+    translation for adaptive_max_pool2d and `phalanx export --format onnx` traces the eval-mode model.
+    """
+    return F.adaptive_max_pool2d(x, 1) if training else x.amax(dim=(2, 3), keepdim=True)
+
+
+class GlobalMaxPool(nn.Module):
+    """`global_max_pool` as a module (in place of nn.AdaptiveMaxPool2d(1), for the same reason)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_max_pool(x, self.training)
+
+
 class PhalanxCNN(nn.Module):
     """A strided stem conv to half resolution, two convs there and three at a quarter of it.
 
@@ -78,7 +96,7 @@ class PhalanxCNN(nn.Module):
         x = self.stem(x)
         x = self.stage1(x)
         x = self.stage2(F.max_pool2d(x, 2))
-        return self.head(F.adaptive_max_pool2d(x, 1).flatten(1)) * self.scale
+        return self.head(global_max_pool(x, self.training).flatten(1)) * self.scale
 
     @torch.no_grad()
     def whiten_stem(self, images: torch.Tensor) -> None:
@@ -141,7 +159,7 @@ class PhalanxResNet(nn.Module):
             conv_bn(in_channels, a, norm, act),
             conv_bn(a, b, norm, act), nn.MaxPool2d(2), _Residual(b, norm, act),
             conv_bn(b, c, norm, act), nn.MaxPool2d(2), _Residual(c, norm, act),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, num_classes, bias=False),
+            GlobalMaxPool(), nn.Flatten(), nn.Linear(c, num_classes, bias=False),  # the head stays net.9
         )
         self.scale = 0.125
 
