@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla
+.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211
 
 setup: $(STAMP)
 
@@ -57,6 +57,23 @@ $(XSTAMP): pyproject.toml
 
 test-xla: $(XSTAMP)
 	PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 $(XPY) -m pytest -q -m xla tests/xla $(ARGS)
+
+# The fast and multi-process lanes under the GPU machine's torch (2.11, torchvision 0.26), in its own venv:
+# what `make test` runs, against the oldest torch a lent GPU brings (a run of it found an ONNX export that only
+# torch 2.14 could do). Not in CI: another ~6 GB venv of PyPI's CUDA build; ~3 min to build, ~6 min of tests.
+TVENV  := .venv-torch211
+TPY    := $(TVENV)/bin/python
+TSTAMP := $(TVENV)/.phalanx-installed
+
+$(TSTAMP): pyproject.toml
+	@test -x $(TPY) || $(PYTHON) -m venv $(TVENV)
+	$(TPY) -m pip install -q --upgrade pip
+	$(TPY) -m pip install -q --no-cache-dir torch==2.11.0 torchvision==0.26.0
+	$(TPY) -m pip install -q --no-cache-dir -e '.[dev]' torch==2.11.0 torchvision==0.26.0
+	@touch $(TSTAMP)
+
+test-torch211: $(TSTAMP) data
+	$(TPY) -m pytest -q -m "not slow and not xla" $(ARGS)
 
 # On this machine: .gpu/ with what the offline GPU machine lacks (Fashion-MNIST, cp312 wheels).
 gpu-pack: data
