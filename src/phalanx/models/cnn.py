@@ -51,8 +51,9 @@ def global_max_pool(x: torch.Tensor, training: bool) -> torch.Tensor:
 
     Two forms of one result (a maximum is exact either way): adaptive_max_pool2d while training, whose
     backward sends each gradient to one position (~3% faster steps than amax's on a 2-core AMD EPYC,
-    width-24 house CNN), and amax otherwise, because the ONNX exporter of torch 2.9-2.11 has no
-    translation for adaptive_max_pool2d and `phalanx export --format onnx` traces the eval-mode model.
+    width-24 house CNN), and amax otherwise, because torch 2.11's ONNX exporter (the GPU machine's torch;
+    2.14's has one) has no translation for adaptive_max_pool2d, and `phalanx export --format onnx` traces
+    the eval-mode model.
     """
     return F.adaptive_max_pool2d(x, 1) if training else x.amax(dim=(2, 3), keepdim=True)
 

@@ -30,7 +30,7 @@ def test_registry_lists_reference_and_house_models():
 
 @pytest.mark.parametrize("name", ["phalanx_cnn", "phalanx_resnet"])
 def test_house_cnns_pool_the_same_maxima_in_training_and_in_the_graph_that_export_traces(name):
-    """The global max-pool is adaptive_max_pool2d in training and amax in eval mode (torch 2.9-2.11's ONNX
+    """The global max-pool is adaptive_max_pool2d in training and amax in eval mode (torch 2.11's ONNX
     exporter cannot translate the first): the eval-mode graph must not hold it, and both give one answer."""
     from phalanx.models.cnn import global_max_pool
     x = torch.randn(3, 5, 7, 6)
