@@ -125,11 +125,23 @@ def export_onnx(wrapped: ExportedClassifier, meta: dict, path: Path, input_dtype
                           external_data=False)
     except ImportError as e:  # onnxscript, which the exporter imports on first use
         raise ExportError(f"ONNX export needs onnxscript ({e.name or e} is missing): {INSTALL_HINT}") from None
+    except torch.onnx.OnnxExporterError as e:  # an op this torch's exporter cannot translate, and the like
+        raise ExportError(f"{path}: torch {torch.__version__}'s ONNX exporter cannot convert this model "
+                          f"({root_cause_line(e)}); --format torchscript or safetensors export it without ONNX, "
+                          f"or a newer torch's exporter may") from None
     proto = onnx.load(str(path))
     proto.metadata_props.add(key="phalanx", value=json.dumps(meta))
     onnx.save(proto, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(["logits"], {"images": x})[0])
+
+
+def root_cause_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost cause of `e` (torch's exporter wraps the failing op's error twice)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def export_safetensors(wrapped: ExportedClassifier, meta: dict, path: Path) -> Callable:

@@ -128,3 +128,20 @@ def test_a_run_trained_on_crops_exports_a_model_of_crops_checked_as_evaluation_f
     x = eval_resize_crop(_images(6), 24, 0.875)  # what `phalanx eval` feeds the model
     got = session.run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, _reference(run, x).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_an_op_the_onnx_exporter_cannot_translate_is_one_line_naming_it(tiny_run, tmp_path, monkeypatch, capsys):
+    """torch 2.11's exporter had no translation for adaptive_max_pool2d: what a user sees is the op, not a traceback."""
+    def fail(*args, **kwargs):
+        try:
+            raise RuntimeError("No ONNX function found for <OpOverload(op='aten.frobnicate', overload='default')>\n"
+                               "more detail")
+        except RuntimeError as cause:
+            raise torch.onnx.OnnxExporterError("Failed to convert the exported program to an ONNX model.") from cause
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "cannot convert this model" in err and "aten.frobnicate" in err and "--format torchscript" in err
+    assert f"torch {torch.__version__}" in err
+    assert not list(tmp_path.iterdir())
