@@ -128,7 +128,7 @@ def export_onnx(wrapped: ExportedClassifier, meta: dict, path: Path, input_dtype
     except torch.onnx.OnnxExporterError as e:  # an op this torch's exporter cannot translate, and the like
         raise ExportError(f"{path}: torch {torch.__version__}'s ONNX exporter cannot convert this model "
                           f"({root_cause_line(e)}); --format torchscript or safetensors export it without ONNX, "
-                          f"or a newer torch's exporter may") from None
+                          f"or a newer torch may convert it") from None
     proto = onnx.load(str(path))
     proto.metadata_props.add(key="phalanx", value=json.dumps(meta))
     onnx.save(proto, str(path))
