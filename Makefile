@@ -68,7 +68,6 @@ TSTAMP := $(TVENV)/.phalanx-installed
 $(TSTAMP): pyproject.toml
 	@test -x $(TPY) || $(PYTHON) -m venv $(TVENV)
 	$(TPY) -m pip install -q --upgrade pip
-	$(TPY) -m pip install -q --no-cache-dir torch==2.11.0 torchvision==0.26.0
 	$(TPY) -m pip install -q --no-cache-dir -e '.[dev]' torch==2.11.0 torchvision==0.26.0
 	@touch $(TSTAMP)
 
