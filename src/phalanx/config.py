@@ -192,6 +192,10 @@ class CheckpointConfig:
 class LogConfig:
     tensorboard: Literal["auto", "true", "false"] = "auto"
     """TensorBoard event files in RUN_DIR/tensorboard from rank 0 (auto: when tensorboard is installed)."""
+    profile: int = 0
+    """Profile this many optimizer steps with torch.profiler on every rank (0: off): the step split into phases on the console, a timeline and operator table per rank in RUN_DIR/profile."""
+    profile_start: int = 10
+    """Optimizer steps of this process before the profiled ones (the first steps build kernels and caches)."""
 
 
 @dataclass
@@ -280,6 +284,11 @@ def _check_run(cfg: Config, need) -> None:
         except ValueError as e:
             need(False, "budget", f"{e}")
     need(0.0 <= cfg.ema < 1.0, "ema", "must be in [0, 1)")
+    need(cfg.log.profile >= 0, "log.profile", "must be >= 0 (the number of steps to profile; 0: off)")
+    need(cfg.log.profile_start >= 0, "log.profile_start", "must be >= 0")
+    need(not cfg.log.profile or cfg.device != "xla", "log.profile", "torch.profiler sees only the host's tracing "
+         "on XLA: profile a TPU with torch_xla.debug.profiler (https://cloud.google.com/tpu/docs/pytorch-xla-"
+         "performance-profiling-tpu-vm) and set --log.profile 0")
 
 
 def _check_model_and_optim(cfg: Config, need) -> None:

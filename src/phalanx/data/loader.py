@@ -21,6 +21,7 @@ from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, draws_to, uses_extra
 from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
 from phalanx.data.store import Split
+from phalanx.observe.profile import region
 
 
 @dataclass
@@ -160,13 +161,14 @@ def augmented(parts: Iterable[tuple[int, int, torch.Tensor, torch.Tensor, torch.
             if extra:
                 extra_params = draw_extra(augment, s.global_batch, h, w, seed, epoch, step)
         off = start - step * s.global_batch + lo  # this part's position within the global batch
-        if not extra:  # the default path: one gather
-            # this part's draws, copied to the device from pinned memory (asynchronously)
-            x = augment_uint8(x, augment, draws_to(params.slice(off, off + length), x.device))
-            yield Batch(step, micro, normalize(x), y, idx)
-            continue
-        x, y_b, lam = augment_extra(x, y, augment, params.slice(off, off + length),
-                                    extra_params.slice(off, off + length), normalize)
+        with region("augment"):
+            if not extra:  # the default path: one gather
+                # this part's draws, copied to the device from pinned memory (asynchronously)
+                x = normalize(augment_uint8(x, augment, draws_to(params.slice(off, off + length), x.device)))
+                y_b = lam = None
+            else:
+                x, y_b, lam = augment_extra(x, y, augment, params.slice(off, off + length),
+                                            extra_params.slice(off, off + length), normalize)
         yield Batch(step, micro, x, y, idx, y_b, lam)
 
 

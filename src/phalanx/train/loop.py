@@ -22,6 +22,7 @@ from phalanx import config as C
 from phalanx import faults
 from phalanx.errors import ConfigError
 from phalanx.observe.console import Progress, TrainMeter
+from phalanx.observe.profile import StepProfiler
 from phalanx.parallel.collectives import broadcast_object, ranks_holding
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, sharded_checkpoint
@@ -98,6 +99,8 @@ def train_to_end(run: Run) -> dict:
     preempt = cadence.Preemption()
     progress = Progress(run.total_steps, min(state.position.global_step, run.total_steps), cfg.progress and env.is_main)
     meter, timer = TrainMeter(env.device), Timer()
+    profiler = StepProfiler(cfg.log.profile, cfg.log.profile_start, run.run_dir / "profile", env.rank, env.device,
+                            env.is_main)
     samples = (open(run.run_dir / "logs" / f"samples-rank-{env.rank}.jsonl", "a")  # noqa: SIM115 (closed below)
                if cfg.log_samples else None)
     result: dict = {}
@@ -118,6 +121,7 @@ def train_to_end(run: Run) -> dict:
                                               "idx": batch.idx.tolist()}) + "\n")
                 if not stepped:
                     continue
+                profiler.step()
                 imgs_epoch += cfg.global_batch
                 if after_optimizer_step(run, batch, meter, progress, epoch, timer, preempt):
                     return stop_for_preemption(run, epoch, preempt.signal_name)
@@ -125,6 +129,7 @@ def train_to_end(run: Run) -> dict:
                     break
             result = end_of_epoch(run, epoch, imgs_epoch / max(time.perf_counter() - t_epoch, 1e-9), timer) or result
     finally:
+        profiler.close()
         progress.close()
         preempt.restore()
         if samples is not None:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phalanx.data.loader import Batch
+from phalanx.observe.profile import region
 from phalanx.train.state import TrainState
 
 
@@ -18,15 +19,17 @@ def forward_backward(state: TrainState, batch: Batch, loss_scale: float, label_s
                      sync: bool) -> torch.Tensor:
     """Accumulate this micro-batch's gradients; returns its loss sum (detached, on the device)."""
     with state.strategy.no_sync(sync):
-        with state.precision.autocast():
-            out = state.model(batch.x)
-        # Sum over this rank's images / global batch x world: DDP's mean over ranks then gives the
-        # global-batch mean, however unevenly the batch was split.
-        if batch.lam is None:
-            loss_sum = F.cross_entropy(out.float(), batch.y, reduction="sum", label_smoothing=label_smoothing)
-        else:  # mixup/CutMix: soft targets lam * y + (1 - lam) * y_b
-            loss_sum = mixed_cross_entropy(out.float(), batch.y, batch.y_b, batch.lam, label_smoothing)
-        state.precision.backward(loss_sum * loss_scale)
+        with region("forward"):
+            with state.precision.autocast():
+                out = state.model(batch.x)
+            # Sum over this rank's images / global batch x world: DDP's mean over ranks then gives the
+            # global-batch mean, however unevenly the batch was split.
+            if batch.lam is None:
+                loss_sum = F.cross_entropy(out.float(), batch.y, reduction="sum", label_smoothing=label_smoothing)
+            else:  # mixup/CutMix: soft targets lam * y + (1 - lam) * y_b
+                loss_sum = mixed_cross_entropy(out.float(), batch.y, batch.y_b, batch.lam, label_smoothing)
+        with region("backward"):  # the gradient reduction runs in here (DDP's buckets, FSDP's reduce-scatter)
+            state.precision.backward(loss_sum * loss_scale)
     return loss_sum.detach()
 
 
@@ -43,15 +46,18 @@ def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor
 
 
 def optimizer_step(state: TrainState, grad_clip: float) -> None:
-    if grad_clip > 0:
-        state.precision.unscale_(state.optimizer)
-        nn.utils.clip_grad_norm_(state.plain.parameters(), grad_clip)
-    state.precision.step(state.optimizer)
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scheduler.step()
-    state.strategy.after_step()  # one model on every rank, before the EMA takes it in
+    with region("optimizer"):
+        if grad_clip > 0:
+            state.precision.unscale_(state.optimizer)
+            nn.utils.clip_grad_norm_(state.plain.parameters(), grad_clip)
+        state.precision.step(state.optimizer)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+    with region("sync"):
+        state.strategy.after_step()  # one model on every rank, before the EMA takes it in
     if state.ema is not None:
-        state.ema.update_parameters(state.plain)
+        with region("ema"):
+            state.ema.update_parameters(state.plain)
 
 
 def train_step(state: TrainState, batch: Batch, accum: int, loss_scale: float, label_smoothing: float = 0.0,

@@ -1,0 +1,125 @@
+"""Where a training step's time goes: torch.profiler over a few steps of the real run, on every rank.
+
+`--log.profile N` profiles N optimizer steps after the first `--log.profile_start` of this process (they
+build kernels and caches) and writes, per rank, into RUN_DIR/profile/:
+- rank-K.trace.json.gz: the timeline (open it in https://ui.perfetto.dev or chrome://tracing), and
+- rank-K.txt: the step split into Phalanx's phases, then torch's operator table (self time, top 30),
+- rank-K.json: the split as numbers (milliseconds per step).
+Rank 0 logs the split in one line.
+
+The phases are `torch.profiler.record_function` ranges entered only while profiling (`region`), so an
+ordinary run pays nothing for them. They nest as the step does:
+    phalanx/augment    translation, flip, crops and normalisation of this rank's part (data/loader.py)
+    phalanx/forward    the model under autocast, and the loss
+    phalanx/backward   autograd, with DDP's or FSDP's gradient reduction (the wait for peers included)
+    phalanx/optimizer  clipping, the update, the LR schedule
+    phalanx/sync       the ranks' agreement on the norm statistics (one all-reduce)
+    phalanx/ema        the weight average
+What no phase covers (waiting for the prefetched batch, logging, the loop) is "other".
+Torch's own profiler does the measuring: this module only picks the steps, names the phases and sums them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+PHASES = ("augment", "forward", "backward", "optimizer", "sync", "ema")
+_active = False  # a profiler is recording on this process: `region` names ranges
+
+
+def region(name: str):
+    """A named range of the step in the profile (a no-op context unless a profile is being recorded)."""
+    return torch.profiler.record_function(f"phalanx/{name}") if _active else contextlib.nullcontext()
+
+
+class StepProfiler:
+    """Profiles `steps` optimizer steps after the first `start` of this process; `step()` after each one."""
+
+    def __init__(self, steps: int, start: int, out_dir: Path, rank: int, device: torch.device,
+                 is_main: bool):
+        self.steps, self.start, self.out_dir, self.rank, self.is_main = steps, start, Path(out_dir), rank, is_main
+        self.device = device
+        self.seen = 0
+        self.prof: torch.profiler.profile | None = None
+        self.summary: dict | None = None
+        self._t0 = 0.0
+        if steps > 0 and start == 0:
+            self._begin()
+
+    def _begin(self) -> None:
+        global _active
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.prof.__enter__()
+        _active = True
+        self._t0 = _now(self.device)
+
+    def step(self) -> None:
+        """After an optimizer step: start or stop recording when due."""
+        if self.steps <= 0:
+            return
+        self.seen += 1
+        if self.prof is None and self.summary is None and self.seen == self.start:
+            self._begin()
+        elif self.prof is not None and self.seen == self.start + self.steps:
+            self._end(self.steps)
+
+    def close(self) -> None:
+        """At the end of training: a profile the run ended in the middle of is written with the steps it holds."""
+        if self.prof is not None:
+            self._end(self.seen - self.start)
+
+    def _end(self, steps: int) -> None:
+        global _active
+        wall_s = _now(self.device) - self._t0
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        _active = False
+        if steps <= 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.out_dir / f"rank-{self.rank}.trace.json.gz"
+        prof.export_chrome_trace(str(trace))
+        averages = prof.key_averages()
+        self.summary = phase_split({e.key: e.cpu_time_total for e in averages}, wall_s, steps)
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = averages.table(sort_by=sort, row_limit=30)
+        text = (f"rank {self.rank}: {steps} optimizer steps after the first {self.start} of this process\n"
+                f"{format_split(self.summary)}\n\n"
+                f"(phases are host time; on CUDA, kernels run later than they are launched: read the device "
+                f"columns below and the trace)\n\n{table}\n")
+        (self.out_dir / f"rank-{self.rank}.txt").write_text(text)
+        (self.out_dir / f"rank-{self.rank}.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+        if self.is_main:
+            logging.getLogger("phalanx").info(f"profile of rank 0: {format_split(self.summary)}; the timeline: "
+                                              f"{trace}, tables: {self.out_dir}/rank-K.txt")
+
+
+def phase_split(totals_us: dict[str, float], wall_s: float, steps: int) -> dict:
+    """{'step_ms', 'phases': {name: ms per step}} from the profiler's inclusive CPU time (microseconds) of each
+    `phalanx/<phase>` range, over `steps` steps that took `wall_s`; "other" is the step time no phase covers."""
+    per_step = {p: totals_us.get(f"phalanx/{p}", 0.0) / 1e3 / steps for p in PHASES}
+    step_ms = wall_s * 1e3 / steps
+    per_step["other"] = max(0.0, step_ms - sum(per_step.values()))
+    return {"step_ms": step_ms, "steps": steps, "phases": per_step}
+
+
+def format_split(summary: dict) -> str:
+    """'126.0 ms per step: forward 40.1 (32%), backward ...' (phases over 0.05 ms, largest first)."""
+    step = summary["step_ms"]
+    parts = [f"{name} {ms:.1f} ({100 * ms / step:.0f}%)" for name, ms in
+             sorted(summary["phases"].items(), key=lambda kv: -kv[1]) if ms >= 0.05]
+    return f"{step:.1f} ms per step over {summary['steps']} steps: " + ", ".join(parts)
+
+
+def _now(device: torch.device) -> float:
+    import time
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
