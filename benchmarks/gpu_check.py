@@ -153,8 +153,13 @@ def check_recipe_1gpu_16ep(tmp: Path) -> dict:
 
 
 def check_ddp_2rank(tmp: Path) -> dict:
-    return _train_run(tmp / "ddp", ["--nproc", "2", "--parallel.backend", "gloo", *WIDTH_32_RECIPE, "--epochs", "2",
-                                    "--eval_every", "1"], 150)
+    """2 ranks on one GPU over gloo (a function check, not a speed one), with 20 of its steps profiled
+    (`--log.profile`): rank 0's split of the step and how busy the GPU was."""
+    row = _train_run(tmp / "ddp", ["--nproc", "2", "--parallel.backend", "gloo", *WIDTH_32_RECIPE, "--epochs", "2",
+                                   "--eval_every", "1", "--log.profile", "20", "--log.profile_start", "30"], 150)
+    split = tmp / "ddp" / "profile" / "rank-0.json"
+    row["profile_rank0"] = json.loads(split.read_text()) if split.is_file() else None
+    return row
 
 
 # ----------------------------------------------------------------------------- Phalanx's step next to a plain loop

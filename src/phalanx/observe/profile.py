@@ -4,7 +4,8 @@
 build kernels and caches) and writes, per rank, into RUN_DIR/profile/:
 - rank-K.trace.json.gz: the timeline (open it in https://ui.perfetto.dev or chrome://tracing), and
 - rank-K.txt: the step split into Phalanx's phases, then torch's operator table (self time, top 30),
-- rank-K.json: the split as numbers (milliseconds per step).
+- rank-K.json: the split as numbers (milliseconds per step; on CUDA also `device_busy_ms`, the kernels' time
+  per step summed over streams: far below `step_ms`, the GPU waits for the host).
 Rank 0 logs the split in one line.
 
 The phases are `torch.profiler.record_function` ranges entered only while profiling (`region`), so an
@@ -83,12 +84,21 @@ class StepProfiler:
         _active = False
         if steps <= 0:
             return
+        try:
+            self._write(prof, steps, wall_s)
+        except Exception as e:  # a profile that cannot be written must not end the training run
+            logging.getLogger("phalanx").warning(f"profile of rank {self.rank} not written to {self.out_dir}: "
+                                                 f"{type(e).__name__}: {e}")
+
+    def _write(self, prof: torch.profiler.profile, steps: int, wall_s: float) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank-{self.rank}.trace.json.gz"
         prof.export_chrome_trace(str(trace))
         averages = prof.key_averages()
         self.summary = phase_split({e.key: e.cpu_time_total for e in averages}, wall_s, steps)
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        if self.device.type == "cuda":  # how busy the GPU was: kernel time (summed over streams) per step
+            self.summary["device_busy_ms"] = sum(e.self_device_time_total for e in averages) / 1e3 / steps
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = averages.table(sort_by=sort, row_limit=30)
         text = (f"rank {self.rank}: {steps} optimizer steps after the first {self.start} of this process\n"
                 f"{format_split(self.summary)}\n\n"
