@@ -44,29 +44,6 @@ from phalanx.runtime.dist import DistEnv
 log = logging.getLogger("phalanx")
 
 
-HSDP_BATCHNORM_CHECKED = (2, 14)
-"""The oldest torch on which hybrid sharding of a BatchNorm model was seen to train what DDP trains."""
-
-
-def hsdp_caveat(model: nn.Module, mesh_dims: int, torch_version: str) -> str | None:
-    """A warning for hybrid sharding (a 2-D mesh) of a model with BatchNorm under a torch older than 2.14.
-
-    Measured on 4 gloo ranks (tests/dist/test_fsdp.py::test_hybrid_sharding_matches_ddp, 2 groups of 2):
-    under torch 2.11 the weights drifted from DDP's within a few steps, up to ~1% after 20 (with a
-    checkpoint every step, from step 3). torch 2.14 matches DDP to 1e-7. With GroupNorm, and 1-D FSDP,
-    2.11 matches too. The cause is not known, so this says what was measured rather than refusing.
-    """
-    if mesh_dims < 2 or not any(isinstance(m, _BatchNorm) for m in model.modules()):
-        return None
-    parts = torch_version.split("+")[0].split(".")[:2]
-    version = tuple(int(p) if p.isdigit() else 0 for p in parts)
-    if version >= HSDP_BATCHNORM_CHECKED:
-        return None
-    return (f"parallel.shard_size: hybrid sharding of a model with BatchNorm was measured to drift from DDP's "
-            f"weights under torch 2.11 (~1% after 20 steps, gloo) and to match them under torch 2.14; this is "
-            f"torch {torch_version}. Prefer --parallel.shard_size 0 (plain FSDP), --model.norm group, or torch >= 2.14")
-
-
 # ----------------------------------------------------------------------------- which modules are shard units
 
 def shard_units(model: nn.Module) -> tuple[list[nn.Module], str]:
@@ -151,9 +128,6 @@ class FSDPStrategy:
             log.info("fsdp with one rank: nothing to shard, the model trains unwrapped")
             return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
         self._mesh = self._device_mesh()
-        caveat = hsdp_caveat(model, self._mesh.ndim, torch.__version__)
-        if caveat:
-            log.warning(caveat)
         self._mp = self._mixed_precision()
         units, what = shard_units(model)
         self._shard(model, units)

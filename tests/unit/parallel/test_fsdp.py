@@ -5,7 +5,7 @@ import torch
 
 from phalanx.config import Config
 from phalanx.models import build_model
-from phalanx.parallel.fsdp import FSDPStrategy, hsdp_caveat, shard_units
+from phalanx.parallel.fsdp import FSDPStrategy, shard_units
 from phalanx.parallel.strategy import averaged_model, build_strategy, local_bytes, optim_state_by_name
 from phalanx.runtime.dist import DistEnv
 from phalanx.train.schedule import build_optimizer
@@ -89,15 +89,3 @@ def test_ema_update_is_the_usual_lerp():
         net.weight.add_(1.0)
     ema.update_parameters(net)
     torch.testing.assert_close(ema.module.weight, 0.9 * start + 0.1 * (start + 1.0))
-
-
-def test_hybrid_sharding_of_batchnorm_warns_below_the_torch_it_was_checked_on():
-    """torch 2.11's HSDP drifted from DDP with BatchNorm (gloo, 4 ranks); 2.14's matched; GroupNorm matched on both."""
-    bn = build_model("phalanx_cnn", 10, 1, 28, width=8)
-    gn = build_model("phalanx_cnn", 10, 1, 28, width=8, norm="group")
-    msg = hsdp_caveat(bn, 2, "2.11.0+cu130")
-    assert msg and "torch 2.11.0+cu130" in msg and "--parallel.shard_size 0" in msg and "\n" not in msg
-    assert hsdp_caveat(bn, 2, "2.13.1") is not None
-    assert hsdp_caveat(bn, 2, "2.14.1+cu130") is None and hsdp_caveat(bn, 2, "2.15.0.dev20261101") is None
-    assert hsdp_caveat(bn, 1, "2.11.0") is None  # plain FSDP: one mesh dimension
-    assert hsdp_caveat(gn, 2, "2.11.0") is None
