@@ -18,6 +18,7 @@ def test_a_profiled_two_rank_run_splits_its_steps_and_trains_the_same_weights(re
     line = [x for x in r.stdout.splitlines() if x.startswith("profile of rank 0: ")]
     assert len(line) == 1, r.stdout  # rank 0 speaks, once
     assert " ms per step over 4 steps: " in line[0] and "backward" in line[0]
+    assert "USDT" not in r.stdout + r.stderr  # kineto's per-rank chatter stays off the console
     for rank in (0, 1):
         split = json.loads((run_dir / "profile" / f"rank-{rank}.json").read_text())
         assert split["steps"] == 4

@@ -57,7 +57,8 @@ class StepProfiler:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
-        self.prof.__enter__()
+        with _without_kineto_chatter():
+            self.prof.__enter__()
         _active = True
         self._t0 = _now(self.device)
 
@@ -80,7 +81,8 @@ class StepProfiler:
         global _active
         wall_s = _now(self.device) - self._t0
         prof, self.prof = self.prof, None
-        prof.__exit__(None, None, None)
+        with _without_kineto_chatter():
+            prof.__exit__(None, None, None)
         _active = False
         if steps <= 0:
             return
@@ -126,6 +128,34 @@ def format_split(summary: dict) -> str:
     parts = [f"{name} {ms:.1f} ({100 * ms / step:.0f}%)" for name, ms in
              sorted(summary["phases"].items(), key=lambda kv: -kv[1]) if ms >= 0.05]
     return f"{step:.1f} ms per step over {summary['steps']} steps: " + ", ".join(parts)
+
+
+@contextlib.contextmanager
+def _without_kineto_chatter():
+    """Kineto (torch's profiler library) writes "USDT: ... profiler_start" lines to the process's stderr
+    from C++ on every rank, and with a CUDA build of torch on a machine without a GPU "ERROR: ...
+    gpuGetDeviceCount failed" (there is none to count); the console is rank 0's. The process's stderr is
+    held in a file meanwhile, and every other line is passed on."""
+    import os
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            no_gpu = not torch.cuda.is_available()
+            rest = [ln for ln in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith("USDT:") and not (no_gpu and "gpuGetDeviceCount failed" in ln)]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
 
 
 def _now(device: torch.device) -> float:

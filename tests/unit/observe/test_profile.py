@@ -95,3 +95,14 @@ def test_profiling_on_xla_points_to_torch_xla_profiler():
     cfg.log.profile = 5
     with pytest.raises(ConfigError, match="log.profile=5: .*torch_xla.debug.profiler"):
         cfg.validate()
+
+
+def test_kineto_chatter_is_held_back_and_other_lines_pass(capfd):
+    import os
+
+    from phalanx.observe.profile import _without_kineto_chatter
+    with _without_kineto_chatter():
+        os.write(2, b"USDT:2026-11-27 18:01:36 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"a real problem\n")
+    err = capfd.readouterr().err
+    assert err == "a real problem\n"
