@@ -164,6 +164,27 @@ def plot_throughput(runs: Sequence, out: Path) -> Path:
     return _save(fig, out)
 
 
+def plot_profile(runs: Sequence, out: Path) -> Path:
+    """One horizontal bar per profiled rank (of each run): milliseconds per step, split into the phases of
+    `--log.profile`, in the loop's order."""
+    from phalanx.observe.profile import PHASES
+    plt = pyplot()
+    bars = [(f"{r.label}: rank {k}" if len(runs) > 1 else f"rank {k}", split)
+            for r in runs for k, split in sorted(r.profile.items())]
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.45 * len(bars)))
+    colours = plt.get_cmap("tab10").colors
+    for j, phase in enumerate((*PHASES, "other")):
+        widths = [split["phases"].get(phase, 0.0) for _, split in bars]
+        lefts = [sum(split["phases"].get(p, 0.0) for p in (*PHASES, "other")[:j]) for _, split in bars]
+        ax.barh(range(len(bars)), widths, left=lefts, color=colours[j % len(colours)], label=phase)
+    ax.set_yticks(range(len(bars)), [name for name, _ in bars])
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per optimizer step")
+    ax.set_title("where a training step's time goes (--log.profile)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, out)
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -> Path:
     """Rows: true class, columns: predicted; colour: the share of the row, numbers: counts."""
     plt = pyplot()

@@ -80,6 +80,7 @@ class RunRecord:
     cm: np.ndarray | None = None                          # confusion matrix of the final weights
     classes: list[str] = field(default_factory=list)
     cm_note: str = ""
+    profile: dict[int, dict] = field(default_factory=dict)  # rank -> its `--log.profile` split (profile/rank-K.json)
 
     @property
     def steps_logged(self) -> int:
@@ -152,6 +153,17 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None
+
+
+def _read_profiles(run_dir: Path) -> dict[int, dict]:
+    """rank -> the step split `--log.profile` wrote (profile/rank-K.json); unreadable files are left out."""
+    out = {}
+    for f in sorted((run_dir / "profile").glob("rank-*.json")):
+        m = re.fullmatch(r"rank-(\d+)\.json", f.name)
+        split = _read_json(f) if m else None
+        if split and isinstance(split.get("phases"), dict) and _number(split.get("step_ms")):
+            out[int(m.group(1))] = split
+    return out
 
 
 def _read_logs(rec: RunRecord) -> None:
@@ -261,6 +273,7 @@ def read_run(run_dir: Path, label: str, color: str) -> RunRecord:
     rec.summary = _read_json(run_dir / "summary.json")
     _read_logs(rec)
     rec.checkpoint = _newest_checkpoint(run_dir)
+    rec.profile = _read_profiles(run_dir)
     spe, epochs, max_steps = rec.layout.get("steps_per_epoch"), rec.config.get("epochs"), rec.config.get("max_steps")
     if spe and isinstance(epochs, int):
         rec.total_steps = int(spe) * epochs
@@ -504,6 +517,12 @@ def render_html(runs: list[RunRecord], out_dir: Path, pngs: dict[str, Path], not
         if key in pngs:
             parts.append(_img(pngs[key], out_dir, alt, half=key != "loss_acc"))
     parts += [f'<p class="note">{_e(notes[k])}</p>' for k in ("loss", "throughput")]
+    if "profile" in pngs:
+        parts.append("<h2>Where a step's time goes</h2>")
+        parts.append(_img(pngs["profile"], out_dir, "each rank's training step split into phases"))
+        parts.append('<p class="note">From <code>--log.profile</code>: torch.profiler over the profiled steps '
+                     'of each rank (host time; on CUDA see the timelines). The timelines and operator tables are '
+                     'in each run\'s <code>profile/</code> folder.</p>')
 
     parts.append("<h2>Test predictions of the final weights</h2>")
     for r in runs:
@@ -604,6 +623,8 @@ def make_report(run_dirs: list[Path], out: Path | None = None, evaluate: bool = 
             "lr": plots.plot_against_step(runs, png_dir / "lr.png", "train", "lr", "learning rate",
                                           "learning rate (as logged)"),
             "throughput": plots.plot_throughput(runs, png_dir / "throughput.png")}
+    if any(r.profile for r in runs):
+        pngs["profile"] = plots.plot_profile(runs, png_dir / "profile.png")
     for i, r in enumerate(runs):
         if r.cm is not None:
             name = "confusion.png" if len(runs) == 1 else f"confusion-{i + 1}.png"

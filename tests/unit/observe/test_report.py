@@ -190,3 +190,21 @@ def test_metrics_of_a_resumed_run_keep_the_last_record_of_each_step_and_skip_a_t
     train, evals, skipped, t0 = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"], r["wall"]) for r in train] == [(2, 2.0, 1.0), (4, 1.4, 101.0)]
     assert [(e["step"], e["wall"]) for e in evals] == [(4, 102.0)] and skipped == 1 and t0 == 100.0
+
+
+def test_a_profiled_run_shows_each_ranks_step_split(tiny_run, tmp_path):
+    run = tmp_path / "profiled"
+    shutil.copytree(tiny_run, run)
+    (run / "profile").mkdir()
+    for rank, backward in ((0, 70.0), (1, 74.0)):
+        split = {"step_ms": 120.0, "steps": 20, "phases": {"augment": 1.2, "forward": 36.0, "backward": backward,
+                                                            "optimizer": 1.4, "sync": 2.0, "ema": 1.8,
+                                                            "other": 120.0 - 42.4 - backward}}
+        (run / "profile" / f"rank-{rank}.json").write_text(json.dumps(split))
+    (run / "profile" / "rank-2.json").write_text("{torn")  # unreadable: left out, not an error
+    page = make_report([run], run, evaluate=False)
+    assert_not_blank(run / PNG_DIR / "profile.png")
+    assert "Where a step's time goes" in text_of(page)
+    from phalanx.observe.report import read_run
+    assert sorted(read_run(run, "r", "C0").profile) == [0, 1]
+    assert "Where a step's time goes" not in text_of(make_report([tiny_run], tmp_path / "plain", evaluate=False))
