@@ -37,7 +37,7 @@ def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 51
 
 def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
     """torchrun's own flags for this run (the worker's arguments are passed separately)."""
-    argv = ["--nproc-per-node", str(nproc), "--max-restarts", str(pcfg.max_restarts), "--monitor-interval", "0.5"]
+    argv = ["--nproc-per-node", str(nproc), "--max-restarts", str(pcfg.max_restarts), "--monitor-interval", "0.1"]
     if pcfg.nnodes == 1 and not pcfg.rdzv_endpoint:
         argv += ["--standalone"]
     else:

@@ -75,7 +75,7 @@ def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> No
         rdist.record_failure(env, msg)
     if not timed_out:
         # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
-        # forked ranks are polled together (it checks every 0.5 s under `phalanx train --nproc`).
+        # forked ranks are polled together (it checks every 0.1 s under `phalanx train --nproc`).
         time.sleep(1.0)
     raise SystemExit(1) from None
 
