@@ -140,8 +140,18 @@ def _without_kineto_chatter():
     import sys
     import tempfile
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
+    try:
+        held = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the with below)
+    except OSError:  # nowhere to hold it: the chatter stays, the profile goes on
+        yield
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        held.close()
+        yield
+        return
+    with held:
         os.dup2(held.fileno(), 2)
         try:
             yield
