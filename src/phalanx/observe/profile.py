@@ -73,9 +73,14 @@ class StepProfiler:
             self._end(self.steps)
 
     def close(self) -> None:
-        """At the end of training: a profile the run ended in the middle of is written with the steps it holds."""
+        """At the end of training: a profile the run ended in the middle of is written with the steps it holds;
+        a run that ended before the first profiled step says so (rank 0)."""
         if self.prof is not None:
             self._end(self.seen - self.start)
+        if self.steps > 0 and self.seen <= self.start and self.is_main:
+            logging.getLogger("phalanx").warning(
+                f"log.profile: nothing profiled: this process trained {self.seen} optimizer step(s), and profiling "
+                f"starts after {self.start} of them; lower --log.profile_start")
 
     def _end(self, steps: int) -> None:
         global _active

@@ -106,3 +106,27 @@ def test_kineto_chatter_is_held_back_and_other_lines_pass(capfd):
         os.write(2, b"a real problem\n")
     err = capfd.readouterr().err
     assert err == "a real problem\n"
+
+
+def test_a_run_too_short_for_the_profile_says_so(tmp_path):
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    got = Lines()
+    log = logging.getLogger("phalanx")  # its own handler: a run in this session may have stopped propagation
+    log.addHandler(got)
+    try:
+        p = StepProfiler(steps=3, start=5, out_dir=tmp_path, rank=0, device=torch.device("cpu"), is_main=True)
+        _train(p, steps=5)  # profiling would begin at step 5 and record none
+    finally:
+        log.removeHandler(got)
+    assert not list(tmp_path.iterdir())
+    assert got.lines == ["log.profile: nothing profiled: this process trained 5 optimizer step(s), and profiling "
+                         "starts after 5 of them; lower --log.profile_start"]
