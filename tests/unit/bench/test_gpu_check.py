@@ -63,3 +63,11 @@ def test_the_checks_fit_the_budget_in_order(gpu_check):
     # The per-check limits of the checks run before the expendable last one fit a 400 s budget with room
     # for a slow one; each check is cut at its own limit (or at what is left of the budget).
     assert sum(limit for _, limit in list(gpu_check.CHECKS.values())) < 1100
+
+
+def test_torchs_notice_about_the_sync_debug_mode_is_not_counted_as_a_sync(gpu_check):
+    # what the first H100 run (torch 2.11) recorded as phalanx_cnn's only "sync"
+    assert gpu_check.is_debug_mode_notice(UserWarning(
+        "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations "
+        "(Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:900.)"))
+    assert not gpu_check.is_debug_mode_notice(UserWarning("called a synchronizing CUDA operation"))

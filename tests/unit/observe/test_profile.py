@@ -130,3 +130,13 @@ def test_a_run_too_short_for_the_profile_says_so(tmp_path):
     assert not list(tmp_path.iterdir())
     assert got.lines == ["log.profile: nothing profiled: this process trained 5 optimizer step(s), and profiling "
                          "starts after 5 of them; lower --log.profile_start"]
+
+
+def test_a_phase_recorded_on_the_cpu_and_as_a_gpu_annotation_keeps_its_cpu_time():
+    from types import SimpleNamespace
+
+    from phalanx.observe.profile import cpu_totals
+    averages = [SimpleNamespace(key="phalanx/forward", cpu_time_total=36_000.0),
+                SimpleNamespace(key="phalanx/forward", cpu_time_total=0.0),  # the GPU annotation, listed last
+                SimpleNamespace(key="aten::mm", cpu_time_total=5.0)]
+    assert cpu_totals(averages) == {"phalanx/forward": 36_000.0, "aten::mm": 5.0}
