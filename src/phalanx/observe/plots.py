@@ -173,10 +173,11 @@ def plot_profile(runs: Sequence, out: Path) -> Path:
             for r in runs for k, split in sorted(r.profile.items())]
     fig, ax = plt.subplots(figsize=(8, 1.8 + 0.45 * len(bars)))
     colours = plt.get_cmap("tab10").colors
+    lefts = [0.0] * len(bars)
     for j, phase in enumerate((*PHASES, "other")):
         widths = [split["phases"].get(phase, 0.0) for _, split in bars]
-        lefts = [sum(split["phases"].get(p, 0.0) for p in (*PHASES, "other")[:j]) for _, split in bars]
         ax.barh(range(len(bars)), widths, left=lefts, color=colours[j % len(colours)], label=phase)
+        lefts = [left + w for left, w in zip(lefts, widths)]
     ax.set_yticks(range(len(bars)), [name for name, _ in bars])
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds per optimizer step")

@@ -46,7 +46,6 @@ class StepProfiler:
         self.device = device
         self.seen = 0
         self.prof: torch.profiler.profile | None = None
-        self.summary: dict | None = None
         self._t0 = 0.0
         if steps > 0 and start == 0:
             self._begin()
@@ -67,7 +66,7 @@ class StepProfiler:
         if self.steps <= 0:
             return
         self.seen += 1
-        if self.prof is None and self.summary is None and self.seen == self.start:
+        if self.prof is None and self.seen == self.start:  # `seen` passes `start` once
             self._begin()
         elif self.prof is not None and self.seen == self.start + self.steps:
             self._end(self.steps)
@@ -102,19 +101,19 @@ class StepProfiler:
         trace = self.out_dir / f"rank-{self.rank}.trace.json.gz"
         prof.export_chrome_trace(str(trace))
         averages = prof.key_averages()
-        self.summary = phase_split(cpu_totals(averages), wall_s, steps)
+        summary = phase_split(cpu_totals(averages), wall_s, steps)
         if self.device.type == "cuda":  # how busy the GPU was: kernel time (summed over streams) per step
-            self.summary["device_busy_ms"] = sum(e.self_device_time_total for e in averages) / 1e3 / steps
+            summary["device_busy_ms"] = sum(e.self_device_time_total for e in averages) / 1e3 / steps
         sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = averages.table(sort_by=sort, row_limit=30)
         text = (f"rank {self.rank}: {steps} optimizer steps after the first {self.start} of this process\n"
-                f"{format_split(self.summary)}\n\n"
+                f"{format_split(summary)}\n\n"
                 f"(phases are host time; on CUDA, kernels run later than they are launched: read the device "
                 f"columns below and the trace)\n\n{table}\n")
         (self.out_dir / f"rank-{self.rank}.txt").write_text(text)
-        (self.out_dir / f"rank-{self.rank}.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+        (self.out_dir / f"rank-{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         if self.is_main:
-            logging.getLogger("phalanx").info(f"profile of rank 0: {format_split(self.summary)}; the timeline: "
+            logging.getLogger("phalanx").info(f"profile of rank 0: {format_split(summary)}; the timeline: "
                                               f"{trace}, tables: {self.out_dir}/rank-K.txt")
 
 
@@ -184,7 +183,9 @@ def _without_kineto_chatter():
 
 
 def _now(device: torch.device) -> float:
+    """The time once the device has finished what was queued (the accelerator's synchronize)."""
     import time
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
+    from phalanx import runtime
+    runtime.of(device).synchronize(device)
     return time.perf_counter()
