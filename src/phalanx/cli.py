@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from phalanx import config as C
+
+_LOADED_AT = time.time()  # before torch is imported: where a `--budget` starts without /proc (budget.mark_entry)
 
 USAGE = __doc__.split("\n\n", 1)[1]
 
@@ -373,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    from phalanx.train.budget import mark_entry
+    mark_entry(_LOADED_AT)  # a `--budget` counts from the command's start, `import torch` included
     from torch.distributed.elastic.multiprocessing.errors import record
     # `record` writes this rank's traceback where the elastic agent reports it as the root cause.
     sys.exit(record(main)())

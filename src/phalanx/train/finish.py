@@ -30,9 +30,15 @@ def export_meta(run) -> dict:
 
 def finish(run, result: dict, train_s: float, weights: dict) -> None:
     """model.safetensors (the full `weights`, loadable with load_state_dict into the model class),
-    summary.json, curves.png."""
+    curves.png, and last summary.json (a run with one is finished; under a budget it holds the wall time
+    up to here, the process's exit, ~1 s, aside)."""
     run_dir, state, log = run.run_dir, run.state, run.log
     export_weights(weights, run_dir / "model.safetensors", export_meta(run))
+    try:
+        from phalanx.observe.plots import plot_run
+        plot_run(run_dir)
+    except Exception as e:  # a plot is a nicety; never fail a finished run for it
+        log.warning(f"could not draw curves.png: {e}")
     summary = dict(result, run_dir=str(run_dir), global_step=state.position.global_step, world=run.env.world,
                    precision=state.precision.name, train_s=round(train_s, 2), strategy=state.strategy.name,
                    memory_per_rank=run.memory)
@@ -40,10 +46,5 @@ def finish(run, result: dict, train_s: float, weights: dict) -> None:
         summary.update(budget_s=run.budget.seconds, predicted_s=run.predicted_s,
                        actual_s=round(run.budget.spent(), 1))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    try:
-        from phalanx.observe.plots import plot_run
-        plot_run(run_dir)
-    except Exception as e:  # a plot is a nicety; never fail a finished run for it
-        log.warning(f"could not draw curves.png: {e}")
     log.info(f"final test accuracy {100 * result.get('acc', float('nan')):.2f}%  run directory {run_dir}")
     log.info(summary_table(summary, run_dir / "model.safetensors"))

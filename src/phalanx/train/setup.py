@@ -202,14 +202,22 @@ def check_data(cfg: C.Config, store) -> None:
                           f"(augment.crop_size); use at most {a.crop_size}")
 
 
-def first_estimate(budget: Budget, cfg: C.Config, eval_images: int, global_step: int = 0) -> int:
+def first_estimate(budget: Budget, cfg: C.Config, eval_images: int, global_step: int = 0, log=None) -> int:
     """Steps that fit in the budget at the speed the tuner measured (a synthetic batch: the loop corrects it
-    after a few real steps), or at a guess of 1,000 img/s when nothing was measured."""
+    after a few real steps), or at a guess of 1,000 img/s when nothing was measured. A budget already spent
+    before training (a few seconds asked of a run whose start-up and final evaluation take longer) is one
+    warning line on `log`: the run trains one step and ends late, rather than end without weights."""
     try:
         img_s = float(os.environ.get(TUNED_RATE_ENV, "")) or 1000.0
     except ValueError:
         img_s = 1000.0
-    reserve = budget.reserve(eval_seconds_guess(eval_images, cfg.tta_flip, img_s))
+    eval_s = eval_seconds_guess(eval_images, cfg.tta_flip, img_s)
+    reserve = budget.reserve(eval_s)
+    late = budget.late_by(reserve)
+    if late > 0 and log is not None:
+        log.warning(f"--budget {cfg.budget} is too short for this run: {budget.spent():.1f} s are spent before "
+                    f"its first step and the final evaluation and finish need ~{eval_s + budget.FINISH_S:.0f} s "
+                    f"more; it trains one step and ends ~{late:.0f} s after the budget")
     return budget.total_steps(global_step, cfg.global_batch / img_s, reserve, cfg.max_steps or None,
                               check_every=budget.every)
 
@@ -269,7 +277,7 @@ def resume(run: Run) -> None:
     if run.budget is not None:  # the budget goes on where the checkpoint left it
         run.budget.spent_before = float(st.get("budget_spent_s") or 0.0)
         run.set_total_steps(broadcast_object(first_estimate(run.budget, cfg, len(run.test_data.split),
-                                                            pos.global_step)))
+                                                            pos.global_step, log if env.is_main else None)))
     if pos.global_step >= run.total_steps or pos.epoch >= run.epochs:
         log.info(f"{found} is the end of this run ({pos.global_step} steps): nothing left to train; "
                  f"re-exporting its weights (raise --epochs, or use another --run_dir, to train more)")
@@ -300,7 +308,8 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
     budget = (Budget(parse_duration(cfg.budget), command_start(),
                      every=estimate_every(steps_per_epoch, env.accel.host_reads_sync)) if cfg.budget else None)
     total_steps = (steps_per_epoch * cfg.epochs if budget is None else  # rank 0's clock decides for all
-                   broadcast_object(first_estimate(budget, cfg, len(test_data.split))))
+                   broadcast_object(first_estimate(budget, cfg, len(test_data.split),
+                                                   log=log if env.is_main else None)))
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     horizon = {"total": total_steps}

@@ -30,7 +30,7 @@ def test_steps_fit_before_the_deadline_with_the_reserve():
     # before it is timed, the final evaluation is 20,000 forwards at 2.5 x 2,000 img/s = 4 s
     assert eval_seconds_guess(eval_images=10_000, tta=True, train_img_s=2000.0) == pytest.approx(4.0)
     reserve = b.reserve(4.0)
-    assert reserve == pytest.approx(4 + 2 + 1 + 2.7)  # evaluation, finish 2 s, margin 1 s + 3% of 90 s
+    assert reserve == pytest.approx(4 + 2 + 1 + 0.9)  # evaluation, finish 2 s, margin 1 s + 1% of 90 s
     total = b.total_steps(global_step=20, step_s=0.25, reserve_s=reserve)
     assert total == 20 + int((90 - 10 - reserve) / 0.25)
     # the run's clock if it trains exactly that: it ends its steps with the reserve left
@@ -98,3 +98,61 @@ def test_step_clock_skips_the_warm_up_and_follows_recent_steps():
         t.t += 0.5
         sc.tick()
     assert sc.step_s() == pytest.approx(0.5)
+
+
+def test_a_budget_counts_from_the_process_start_not_from_after_import_torch(monkeypatch):
+    """The entry point marks the command's start at its process's start (`import torch`, ~3 s on a 2-core AMD
+    EPYC, is part of the user's wall time); without /proc at the entry module's import; a process older than a
+    minute was not started for this command. Ranks inherit the time the launcher recorded."""
+    import time
+
+    from phalanx.train import budget as B
+    monkeypatch.setenv(B.START_ENV, "0")  # so that monkeypatch restores the variable, set or not, afterwards
+    monkeypatch.delenv(B.START_ENV)
+    monkeypatch.setattr(B, "process_age_s", lambda: 3.0)
+    B.mark_entry(loaded_at=time.time())
+    start = B.command_start(new=True)
+    assert time.time() - start == pytest.approx(3.0, abs=0.5)
+    assert float(__import__("os").environ[B.START_ENV]) == start  # for the ranks it starts
+    assert B.command_start() == start  # a rank's view
+    assert time.time() - B.command_start(new=True) < 0.5  # the mark served one command: the next starts now
+    for age in (None, 3600.0):  # no /proc; an old process that called the entry point
+        monkeypatch.setattr(B, "process_age_s", lambda age=age: age)
+        B.mark_entry(loaded_at=time.time() - 1.5)
+        assert time.time() - B.command_start(new=True) == pytest.approx(1.5, abs=0.5)
+
+
+def test_process_age_reads_this_process_start_from_proc():
+    import os
+    import time
+
+    from phalanx.train.budget import process_age_s
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc here")
+    a = process_age_s()
+    time.sleep(0.1)
+    b = process_age_s()
+    assert a is not None and a >= 0 and b - a == pytest.approx(0.1, abs=0.05)
+
+
+def test_a_budget_spent_before_the_first_step_says_so_in_one_line(monkeypatch):
+    import logging
+    import types
+
+    from phalanx.train.setup import first_estimate
+    monkeypatch.setenv("PHALANX_TUNED_IMG_S", "2000")
+    clock = FakeClock()
+    cfg = types.SimpleNamespace(budget="5s", tta_flip=True, global_batch=256, max_steps=0)
+    records = []
+    log = logging.getLogger("test-budget-warning")
+    log.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+    b = Budget(5.0, start=clock.t, clock=clock)
+    clock.t += 7.0  # start-up took longer than the whole budget
+    assert first_estimate(b, cfg, eval_images=10_000, log=log) == 1
+    assert len(records) == 1 and records[0].startswith("--budget 5s is too short for this run: 7.0 s are spent")
+    assert "trains one step and ends ~" in records[0]
+    records.clear()
+    b = Budget(90.0, start=clock.t, clock=clock)
+    clock.t += 7.0
+    assert first_estimate(b, cfg, eval_images=10_000, log=log) > 100
+    assert records == []
