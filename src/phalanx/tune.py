@@ -184,11 +184,14 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
     threads = torch.get_num_threads()
     torch.set_num_threads(c.threads)
     try:
-        workers = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(c.nproc)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+        if c.nproc == 1:  # in this thread: `torch.compile(mode="reduce-overhead")`'s CUDA graphs keep per-thread
+            rank(0)       # state, and a model compiled in a thread of its own failed on an H100 (torch 2.11)
+        else:
+            workers = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(c.nproc)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
     finally:
         torch.set_num_threads(threads)
     if errors:

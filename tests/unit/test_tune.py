@@ -170,3 +170,22 @@ def test_a_compiling_run_on_a_gpu_is_timed_compiled_and_cached_apart(monkeypatch
            compile_mode="max-autotune")  # the measurement itself, on this CPU
     assert tune.measure_choice(Choice(1, 1, "fp32", True), q, min_seconds=0.01, max_steps=2) > 0
     assert compiled == ["max-autotune"]
+
+
+def test_one_rank_is_measured_in_the_calling_thread(monkeypatch):
+    """A model compiled with mode="reduce-overhead" (CUDA graphs) and run in a thread of its own failed on an
+    H100 (torch 2.11: cudagraph trees' per-thread state, an AssertionError), so one rank, every GPU candidate,
+    runs in the caller's thread; several ranks still run one thread each."""
+    import threading
+    real = tune._synthetic_rank
+    seen = []
+
+    def recording(*a, **k):
+        seen.append(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(tune, "_synthetic_rank", recording)
+    for nproc in (1, 2):
+        q = _q(cores=2, layouts=((nproc, 1),), model=("phalanx_cnn", 8, "batch", "relu"), global_batch=16)
+        assert tune.measure_choice(Choice(nproc, 1, "fp32", True), q, min_seconds=0.01, max_steps=2) > 0
+    assert seen[0] == threading.get_ident() and threading.get_ident() not in seen[1:] and len(set(seen[1:])) == 2
