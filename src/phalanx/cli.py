@@ -380,7 +380,27 @@ def entry() -> None:
     mark_entry(_LOADED_AT)  # a `--budget` counts from the command's start, `import torch` included
     from torch.distributed.elastic.multiprocessing.errors import record
     # `record` writes this rank's traceback where the elastic agent reports it as the root cause.
-    sys.exit(record(main)())
+    leave(record(main)())
+
+
+def leave(code: int | None) -> None:
+    """End the process with `code`: everything Python's own exit runs for it (the atexit functions: logging's
+    flush, multiprocessing's children), then `os._exit`, without the interpreter's teardown. Freeing torch's
+    modules and libraries took ~1.1 s after every command on a 2-core AMD EPYC (~1 s on an H100 machine), which
+    a user waits through for nothing and a `--budget` pays for. With a non-daemon thread still running, or an
+    interpreter without `atexit._run_exitfuncs`, the usual exit instead."""
+    import atexit
+    import contextlib
+    import threading
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if run_exitfuncs is None or others or threading.current_thread() is not threading.main_thread():
+        sys.exit(code)
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,24 @@ def test_missing_data_folder_is_one_clear_line(tmp_path, capsys):
     assert code == 1
     assert "nope: no such file or folder" in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()  # nothing written for a run that cannot start
+
+
+def test_a_command_leaves_without_the_interpreter_teardown_but_after_what_exit_runs(tmp_path):
+    """`leave` runs the atexit functions and flushes what is buffered, then exits with the command's code; a
+    non-daemon thread still running gets the usual exit, which waits for it."""
+    import subprocess
+    import sys
+    prog = ("import atexit, sys\n"
+            "from phalanx.cli import leave\n"
+            "atexit.register(lambda: print('atexit ran'))\n"
+            "print('buffered', end=' ')\n"
+            "leave(3)\n")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and r.stdout == "buffered atexit ran\n", r
+    done = tmp_path / "done"
+    prog = ("import threading, time\n"
+            "from phalanx.cli import leave\n"
+            f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(done)!r}, 'w').close())).start()\n"
+            "leave(0)\n")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and done.exists(), r

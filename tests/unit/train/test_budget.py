@@ -30,7 +30,7 @@ def test_steps_fit_before_the_deadline_with_the_reserve():
     # before it is timed, the final evaluation is 20,000 forwards at 2.5 x 2,000 img/s = 4 s
     assert eval_seconds_guess(eval_images=10_000, tta=True, train_img_s=2000.0) == pytest.approx(4.0)
     reserve = b.reserve(4.0)
-    assert reserve == pytest.approx(4 + 2 + 1 + 0.9)  # evaluation, finish 2 s, margin 1 s + 1% of 90 s
+    assert reserve == pytest.approx(4 + 1.2 + 0.5 + 0.9)  # evaluation, finish 1.2 s, margin 0.5 s + 1% of 90 s
     total = b.total_steps(global_step=20, step_s=0.25, reserve_s=reserve)
     assert total == 20 + int((90 - 10 - reserve) / 0.25)
     # the run's clock if it trains exactly that: it ends its steps with the reserve left
