@@ -105,9 +105,12 @@ class DeviceEMA(AveragedModel):
             es = [e for e, _ in floats]
             torch._foreach_mul_(es, keep)
             torch._foreach_add_(es, torch._foreach_mul([c for _, c in floats], take))
-        for e, c in zip(ema, cur):  # integer buffers (BatchNorm's batch count), as torch's EMA does them
-            if not e.is_floating_point():
-                e.copy_(torch.where(first, c, (e * self.decay + c * (1 - self.decay)).to(e.dtype)))
+        ints = [(e, c) for e, c in zip(ema, cur) if not e.is_floating_point()]
+        if ints:  # BatchNorm's batch counts, as torch's EMA does them: in floating point, truncated back.
+            # Four foreach calls for all of them (one `where` and three ops each took half of the update's time).
+            es = [e for e, _ in ints]
+            mixed = torch._foreach_add(torch._foreach_mul(es, keep), torch._foreach_mul([c for _, c in ints], take))
+            torch._foreach_copy_(es, mixed)
         self.n_averaged += 1
 
 

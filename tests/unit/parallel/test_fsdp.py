@@ -80,6 +80,30 @@ def test_memory_counts_parameters_gradients_and_optimizer_state():
     assert local_bytes(net, opt)["optim_bytes"] == 4 * n  # SGD momentum
 
 
+def test_ema_matches_torchs_averaged_model_with_buffers():
+    """DeviceEMA against torch's own EMA (AveragedModel with get_ema_multi_avg_fn and its buffers): parameters,
+    running statistics and BatchNorm's integer batch counts, over updates between which the model changes."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from phalanx.models.cnn import PhalanxCNN
+    torch.manual_seed(0)
+    net = PhalanxCNN(width=8)
+    mine = averaged_model(net, 0.9)
+    torchs = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(4):
+        net(torch.randn(8, 1, 28, 28)).logsumexp(1).mean().backward()  # also moves the running statistics
+        opt.step()
+        opt.zero_grad()
+        mine.update_parameters(net)
+        torchs.update_parameters(net)
+    got, want = mine.module.state_dict(), torchs.module.state_dict()
+    assert [k for k in got if k.endswith("num_batches_tracked")] and got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert int(mine.n_averaged) == int(torchs.n_averaged) == 4
+
+
 def test_ema_update_is_the_usual_lerp():
     net = torch.nn.Linear(3, 2)
     ema = averaged_model(net, 0.9)
