@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -49,6 +50,15 @@ def evenly_spaced(split, n: int) -> torch.Tensor:
     return split.__getitems__(idx.tolist())[0]
 
 
+def resident_copy(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of `array` (a store's read-only memmap) on `device`, without torch's warning that the array is
+    not writable (it printed on every GPU run's console): the tensor that wraps it is only read, by the copy."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        host = torch.from_numpy(np.ascontiguousarray(array))
+    return host.to(device)
+
+
 class SplitOnDevice:
     """Gathers batches of a split, from its memmap or from a copy resident on the device."""
 
@@ -57,8 +67,7 @@ class SplitOnDevice:
         self.accel = runtime.of(device)
         self.images = self.labels = None
         if resident:
-            self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
-            self.labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(device)
+            self.images, self.labels = resident_copy(split.images, device), resident_copy(split.labels, device)
 
     def gather(self, idx: torch.Tensor, pin: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of `idx` on the device, spread over the devices this rank drives (XLA SPMD).

@@ -132,3 +132,19 @@ def test_normalize_is_channels_last_and_exact():
     want = (x.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(
         1, 3, 1, 1)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_read_only_store_goes_to_the_device_without_a_warning():
+    """A store's memmap is read-only; torch warned about it on every GPU run's console (torch 2.11, H100)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from phalanx.data.loader import resident_copy
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = resident_copy(a, torch.device("cpu"))
+    assert t.dtype == torch.uint8 and t.tolist() == a.tolist()
