@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from phalanx import runtime
+
 PHASES = ("augment", "forward", "backward", "optimizer", "sync", "ema")
 _active = False  # a profiler is recording on this process: `region` names ranges
 
@@ -44,6 +46,7 @@ class StepProfiler:
                  is_main: bool):
         self.steps, self.start, self.out_dir, self.rank, self.is_main = steps, start, Path(out_dir), rank, is_main
         self.device = device
+        self.device_activity = runtime.of(device).profiler_activity  # "CUDA" on a GPU: its kernels are recorded
         self.seen = 0
         self.prof: torch.profiler.profile | None = None
         self._t0 = 0.0
@@ -53,8 +56,8 @@ class StepProfiler:
     def _begin(self) -> None:
         global _active
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        if self.device_activity:
+            activities.append(getattr(torch.profiler.ProfilerActivity, self.device_activity))
         self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
         with _without_kineto_chatter():
             self.prof.__enter__()
@@ -102,13 +105,13 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         averages = prof.key_averages()
         summary = phase_split(cpu_totals(averages), wall_s, steps)
-        if self.device.type == "cuda":  # how busy the GPU was: kernel time (summed over streams) per step
+        if self.device_activity:  # how busy the device was: kernel time (summed over streams) per step
             summary["device_busy_ms"] = sum(e.self_device_time_total for e in averages) / 1e3 / steps
-        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device_activity else "self_cpu_time_total"
         table = averages.table(sort_by=sort, row_limit=30)
         text = (f"rank {self.rank}: {steps} optimizer steps after the first {self.start} of this process\n"
                 f"{format_split(summary)}\n\n"
-                f"(phases are host time; on CUDA, kernels run later than they are launched: read the device "
+                f"(phases are host time; on a GPU, kernels run later than they are launched: read the device "
                 f"columns below and the trace)\n\n{table}\n")
         (self.out_dir / f"rank-{self.rank}.txt").write_text(text)
         (self.out_dir / f"rank-{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -24,6 +24,9 @@ class Accelerator:
     """Whether torch's fused (single-kernel) SGD and AdamW are worth taking here."""
     decodes_jpeg: bool = False
     """Whether batches of JPEG files are decoded on this device (nvJPEG through torchvision) when streaming."""
+    profiler_activity: str = ""
+    """`torch.profiler.ProfilerActivity` member that records this device's kernels (`--log.profile`); empty
+    where the host's activity covers the work (CPU)."""
 
     @classmethod
     def is_available(cls) -> bool:

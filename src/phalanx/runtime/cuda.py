@@ -24,6 +24,7 @@ class CUDAAccelerator(Accelerator):
     host_reads_sync = True  # `.item()` waits for every kernel queued on the stream
     fused_optimizers = True  # SGD and AdamW `fused=True`: one kernel for all parameters (torch >= 2.3)
     decodes_jpeg = True  # torchvision.io.decode_jpeg(list, device="cuda"): nvJPEG, a batch at a time
+    profiler_activity = "CUDA"
 
     @classmethod
     def is_available(cls) -> bool:

@@ -140,3 +140,30 @@ def test_a_phase_recorded_on_the_cpu_and_as_a_gpu_annotation_keeps_its_cpu_time(
                 SimpleNamespace(key="phalanx/forward", cpu_time_total=0.0),  # the GPU annotation, listed last
                 SimpleNamespace(key="aten::mm", cpu_time_total=5.0)]
     assert cpu_totals(averages) == {"phalanx/forward": 36_000.0, "aten::mm": 5.0}
+
+
+def test_a_device_that_names_a_profiler_activity_gets_its_kernels_recorded(tmp_path, monkeypatch):
+    """The accelerator says which profiler activity records its kernels (CUDA on a GPU): then the profile also
+    holds `device_busy_ms` and sorts its table by device time. Here a CPU stand-in names CUDA, and the profiler
+    is asked for it (what it records is the CPU's: this machine has no GPU)."""
+    from phalanx import runtime
+    from phalanx.runtime.cpu import CPUAccelerator
+    recorded = []
+    real = torch.profiler.profile
+
+    def recording(*a, activities=(), **k):
+        recorded.append(list(activities))
+        return real(*a, activities=[torch.profiler.ProfilerActivity.CPU], **k)
+
+    monkeypatch.setitem(runtime.KINDS, "cpu", type("Kernels", (CPUAccelerator,), {"profiler_activity": "CUDA"}))
+    monkeypatch.setattr(torch.profiler, "profile", recording)
+    p = StepProfiler(steps=2, start=0, out_dir=tmp_path, rank=0, device=torch.device("cpu"), is_main=False)
+    _train(p, 2)
+    assert recorded == [[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]]
+    summary = json.loads((tmp_path / "rank-0.json").read_text())
+    assert "device_busy_ms" in summary and summary["steps"] == 2
+    monkeypatch.setitem(runtime.KINDS, "cpu", CPUAccelerator)
+    p = StepProfiler(steps=2, start=0, out_dir=tmp_path / "plain", rank=0, device=torch.device("cpu"), is_main=False)
+    _train(p, 2)
+    assert recorded[-1] == [torch.profiler.ProfilerActivity.CPU]
+    assert "device_busy_ms" not in json.loads((tmp_path / "plain" / "rank-0.json").read_text())
