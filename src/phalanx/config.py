@@ -229,7 +229,7 @@ class Config:
     run_dir: str = ""
     """Run directory (empty: OUT_DIR/<date>-<time>-<model>)."""
     progress: bool = True
-    """Draw a progress bar on rank 0 (log lines are written either way)."""
+    """Show progress on rank 0: a bar on a terminal, else a log line every 30 s (evaluations are logged either way)."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0: no limit); used by tests and benchmarks."""
     budget: str = ""

@@ -41,15 +41,30 @@ def setup_logging(run_dir: Path | None, rank: int, console: bool) -> logging.Log
 
 
 class Progress:
-    """One tqdm bar on rank 0: epoch, step, loss, img/s and ETA; a no-op elsewhere."""
+    """Rank 0's progress: epoch, step, loss, img/s and ETA; a no-op elsewhere.
 
-    def __init__(self, total_steps: int, initial: int, enabled: bool):
+    On a terminal, one tqdm bar. Where the output is not a terminal (a file, a pipe, a CI or SLURM log), a bar's
+    carriage returns pile up into one line of thousands of redraws, so a log line is written instead, at most
+    every `line_every_s` seconds, at the steps where the loss is reduced anyway (also in logs/rank-0.log)."""
+
+    LINE_EVERY_S = 30.0
+
+    def __init__(self, total_steps: int, initial: int, enabled: bool, terminal: bool | None = None,
+                 clock=time.monotonic, line_every_s: float = LINE_EVERY_S):
+        terminal = _is_terminal(sys.stdout) if terminal is None else terminal
+        self.lines = enabled and not terminal
+        self.total, self.n, self.first = total_steps, initial, initial
+        self.clock, self.line_every_s = clock, line_every_s
+        self.t0 = self.last_line = clock()
         self.bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True, unit="step", file=sys.stdout,
                         smoothing=0.05, mininterval=0.5,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-                        disable=not enabled)
+                        disable=not enabled or self.lines)
 
     def update(self, epoch: int, epochs: int, loss: float | None, img_s: float) -> None:
+        if self.lines:
+            self._line(epoch, epochs, loss, img_s)
+            return
         if self.bar.disable:
             return
         self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
@@ -57,14 +72,43 @@ class Progress:
         self.bar.set_postfix_str(f"{post}{img_s:,.0f} img/s", refresh=False)
         self.bar.update(1)
 
+    def _line(self, epoch: int, epochs: int, loss: float | None, img_s: float) -> None:
+        self.n += 1
+        now = self.clock()
+        if loss is None or now - self.last_line < self.line_every_s:
+            return
+        self.last_line = now
+        left = max(0, self.total - self.n) * (now - self.t0) / max(1, self.n - self.first)
+        logging.getLogger("phalanx").info(
+            f"epoch {epoch + 1}/{epochs}  step {self.n:,}/{self.total:,} ({100 * self.n / max(1, self.total):.0f}%)  "
+            f"loss {loss:.4f}  {img_s:,.0f} img/s  {_duration(now - self.t0)} elapsed, {_duration(left)} left")
+
     def set_total(self, total: int) -> None:
         """A new step count (a wall-clock budget's estimate)."""
+        self.total = total
         if not self.bar.disable and self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _duration(seconds: float) -> str:
+    """`42s`, `7m05s`, `2h03m`."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class MetricsWriter:

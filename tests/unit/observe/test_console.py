@@ -60,3 +60,55 @@ def test_the_run_summary_names_results_speed_layout_and_files(tmp_path):
 def test_every_finished_run_ends_with_its_summary(tiny_run):
     log = (tiny_run / "logs" / "rank-0.log").read_text()
     assert "run summary" in log and str(tiny_run / "model.safetensors") in log
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def _lines_of(run):
+    got = []
+    handler = type("H", (logging.Handler,), {"emit": lambda self, r: got.append(r.getMessage())})()
+    log = logging.getLogger("phalanx")
+    log.addHandler(handler)
+    try:
+        run()
+    finally:
+        log.removeHandler(handler)
+    return got
+
+
+def test_progress_off_a_terminal_is_a_log_line_every_30_seconds_at_the_reduced_steps():
+    """No bar where the output is a file or a pipe (its redraws would pile up in one line): a line at most
+    every 30 s, at steps whose loss is reduced anyway, with the step, the share done and the time left."""
+    from phalanx.observe.console import Progress
+    clock = _Clock()
+    p = Progress(total_steps=200, initial=0, enabled=True, terminal=False, clock=clock)
+    assert p.bar.disable
+
+    def train():
+        for step in range(1, 101):  # 1 s per step; the loss is reduced every 10 steps
+            clock.t += 1.0
+            p.update(0, 2, 0.5 if step % 10 == 0 else None, 256.0)
+        p.set_total(150)  # a budget's new estimate
+        clock.t += 30.0
+        p.update(1, 2, 0.25, 256.0)
+
+    lines = _lines_of(train)
+    assert lines[:3] == ["epoch 1/2  step 30/200 (15%)  loss 0.5000  256 img/s  30s elapsed, 2m50s left",
+                         "epoch 1/2  step 60/200 (30%)  loss 0.5000  256 img/s  1m00s elapsed, 2m20s left",
+                         "epoch 1/2  step 90/200 (45%)  loss 0.5000  256 img/s  1m30s elapsed, 1m50s left"]
+    assert len(lines) == 4 and lines[3].startswith("epoch 2/2  step 101/150 (67%)  loss 0.2500")
+
+
+def test_progress_on_a_terminal_is_the_bar_and_off_is_nothing():
+    from phalanx.observe.console import Progress
+    on = Progress(10, 0, enabled=True, terminal=True)
+    off = Progress(10, 0, enabled=False, terminal=False, clock=_Clock(), line_every_s=0.0)
+    assert not on.bar.disable and not on.lines and off.bar.disable and not off.lines
+    assert _lines_of(lambda: off.update(0, 1, 0.5, 1.0)) == []
+    on.close()
