@@ -22,7 +22,8 @@ subprocess and fresh directory, and prints one JSON line per check (`{"check": N
                 of the streaming loader, and the largest pixel difference between the two decoders
   prefetch      the store loader's side-stream copies (pinned, prefetched) equal the GPU-resident batches
   loader        benchmarks/loader.py --quick (store loader, JPEG streaming vs torchvision, memory)
-  recipe_1gpu_16ep  that recipe stretched to 16 epochs: time to 93% / 94% (last: the budget may cut it)
+  recipe_1gpu_16ep  the width-64 recipe, 16 epochs, tuner cached: time to 94%, the command's seconds, and
+                whether 94% came within 15 s of the whole command (last: the budget may cut it)
 
 A check that fails or runs out of time prints its error and the tail of its output, and the next runs.
 A check that needs CUDA says so in one line where there is none (`--only device` runs anywhere).
@@ -146,10 +147,24 @@ def check_recipe_1gpu(tmp: Path) -> dict:
     return _train_run(tmp / "recipe", ["--nproc", "1", *WIDTH_32_RECIPE, "--epochs", "6", "--eval_every", "1"], 150)
 
 
+# Issue 15's target, 94% on Fashion-MNIST within 15 s of the whole command: width 32 stops at ~93.7% in 16
+# epochs on an H100, width 64 reached 94.2-94.4% (2026-11-27).
+WIDE_RECIPE = ["--model.width", "64", "--global_batch", "512", "--optim.lr", "0.8", "--epochs", "16"]
+
+
 def check_recipe_1gpu_16ep(tmp: Path) -> dict:
-    """The width-32 recipe stretched to 16 epochs (its schedule with it): time to 94%."""
-    return _train_run(tmp / "recipe16", ["--nproc", "1", *WIDTH_32_RECIPE, "--epochs", "16", "--eval_every", "1"],
-                      150)
+    """The width-64 recipe, 16 epochs, evaluated every epoch: time to 94%, and the whole command's seconds with
+    the tuner's decision cached beforehand (`phalanx tune`, as any second run finds it)."""
+    args = ["--nproc", "1", *WIDE_RECIPE]
+    t0 = time.perf_counter()
+    rc, out = sh([sys.executable, "-m", "phalanx", "tune", *args], 90, env=child_env())
+    tune_s = round(time.perf_counter() - t0, 1)
+    row = _train_run(tmp / "recipe16", [*args, "--eval_every", "1"], 150)
+    row.update(tune_rc=rc, tune_s=tune_s,
+               target_94_in_15s=bool(row.get("final_acc", 0) >= 0.94 and row["command_s"] <= 15.0))
+    if rc != 0:
+        row["tune_error"] = out[-1500:]
+    return row
 
 
 def check_ddp_2rank(tmp: Path) -> dict:
