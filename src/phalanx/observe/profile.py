@@ -189,6 +189,5 @@ def _now(device: torch.device) -> float:
     """The time once the device has finished what was queued (the accelerator's synchronize)."""
     import time
 
-    from phalanx import runtime
     runtime.of(device).synchronize(device)
     return time.perf_counter()
