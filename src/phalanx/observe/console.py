@@ -111,6 +111,12 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def wall_time(seconds: float) -> str:
+    """`1 min 20.6 s`, `42.0 s`: a run's wall time, as the run summary and `phalanx report` give it."""
+    m, s = divmod(float(seconds), 60)
+    return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
+
+
 class MetricsWriter:
     """Appends one JSON object per event to run_dir/metrics.jsonl (rank 0 only), and hands each record to
     the further sinks given (TensorBoard: phalanx.observe.sinks). metrics.jsonl is always written; a sink
@@ -194,8 +200,7 @@ def summary_table(summary: dict, weights: Path) -> str:
     if "loss" in summary:
         rows.append(("test loss", f"{summary['loss']:.4f}"))
     if "train_s" in summary:
-        m, s = divmod(float(summary["train_s"]), 60)
-        rows.append(("wall time", f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"))
+        rows.append(("wall time", wall_time(summary["train_s"])))
     if "train_img_s" in summary:
         rows.append(("throughput", f"{summary['train_img_s']:,.0f} img/s (last epoch)"))
     strategy = f" ({summary['strategy']})" if summary.get("strategy") else ""

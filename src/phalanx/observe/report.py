@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from phalanx.errors import ConfigError
+from phalanx.observe.console import wall_time
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -364,8 +365,7 @@ def _fmt(v) -> str:
 def _duration(s) -> str:
     if not _number(s):
         return ""
-    m, sec = divmod(float(s), 60)
-    return f"{int(m)} min {sec:.1f} s" if m else f"{sec:.1f} s"
+    return wall_time(s)
 
 
 def _img(png: Path, out_dir: Path, alt: str, half: bool = False) -> str:

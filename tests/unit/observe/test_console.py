@@ -4,7 +4,7 @@ import logging
 
 import torch
 
-from phalanx.observe.console import MetricsWriter, TrainMeter, setup_logging
+from phalanx.observe.console import MetricsWriter, TrainMeter, setup_logging, wall_time
 
 
 def test_train_meter_gives_the_mean_loss_per_image_and_starts_a_new_window():
@@ -112,3 +112,8 @@ def test_progress_on_a_terminal_is_the_bar_and_off_is_nothing():
     assert not on.bar.disable and not on.lines and off.bar.disable and not off.lines
     assert _lines_of(lambda: off.update(0, 1, 0.5, 1.0)) == []
     on.close()
+
+
+def test_wall_time_reads_in_minutes_and_seconds():
+    assert [wall_time(s) for s in (0, 42.04, 60, 83.44, 3725.0)] == [
+        "0.0 s", "42.0 s", "1 min 0.0 s", "1 min 23.4 s", "62 min 5.0 s"]
