@@ -216,6 +216,10 @@ class Config:
     """Autocast dtype (auto: bf16 where the CPU or GPU has it, else fp32)."""
     ema: float = 0.98
     """Decay of an exponential moving average of the weights, evaluated instead of the raw weights (0: off)."""
+    ema_every: int = 1
+    """Update the EMA every this many optimizer steps, with decay**ema_every, and at the last step (airbench
+    updates its average every 5): a k-th of the update's cost, on a GPU host time in every step. An evaluation
+    or checkpoint between two updates sees the average as of the last one (fewer than ema_every steps ago)."""
     tta_flip: bool = True
     """Evaluate on each image and its mirror image and average the logits."""
     deterministic: bool = False
@@ -284,6 +288,7 @@ def _check_run(cfg: Config, need) -> None:
         except ValueError as e:
             need(False, "budget", f"{e}")
     need(0.0 <= cfg.ema < 1.0, "ema", "must be in [0, 1)")
+    need(cfg.ema_every >= 1, "ema_every", "must be >= 1 (1: update the EMA at every step)")
     need(cfg.log.profile >= 0, "log.profile", "must be >= 0 (the number of steps to profile; 0: off)")
     need(cfg.log.profile_start >= 0, "log.profile_start", "must be >= 0")
     need(not cfg.log.profile or cfg.device != "xla", "log.profile", "torch.profiler sees only the host's tracing "

@@ -92,14 +92,17 @@ class DeviceEMA(AveragedModel):
             self.n_averaged = self.n_averaged.to(first.device)
 
     @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
+    def update_parameters(self, model: nn.Module, steps: int = 1) -> None:
+        """Take in `model` as `steps` updates with its current weights would: decay**steps (an update every
+        k optimizer steps, `--ema_every`)."""
+        decay = self.decay ** steps
         ema = _local([*self.module.parameters(), *self.module.buffers()])
         cur = _local([t.detach() for t in (*model.parameters(), *model.buffers())])
         first = self.n_averaged == 0
         # ema = ema * keep + cur * take: (0, 1) the first time, a copy, (decay, 1 - decay) after; both factors
         # 0-dim tensors the device chooses (torch's foreach lerp takes its weight as a number only).
-        keep = torch.where(first, 0.0, self.decay)
-        take = torch.where(first, 1.0, 1.0 - self.decay)
+        keep = torch.where(first, 0.0, decay)
+        take = torch.where(first, 1.0, 1.0 - decay)
         floats = [(e, c) for e, c in zip(ema, cur) if e.is_floating_point()]
         if floats:
             es = [e for e, _ in floats]

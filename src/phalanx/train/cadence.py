@@ -29,6 +29,15 @@ def is_last_epoch(epoch: int, epochs: int, global_step: int, total_steps: int) -
     return epoch == epochs - 1 or global_step >= total_steps
 
 
+def ema_steps(step: int, every: int, last: bool) -> int:
+    """How many optimizer steps the EMA takes in after optimizer step `step` (1-based), updated every `every`
+    steps and at the last: `every` at its multiples, the remainder at a last step between them, else 0.
+    A function of the step alone, so a resumed run updates its average where the uninterrupted one did."""
+    if step % every == 0:
+        return every
+    return step % every if last else 0
+
+
 def periodic_checkpoint_due(ckpt: CheckpointConfig, global_step: int, step_in_epoch: int, steps_per_epoch: int,
                             minutes_since_last: float) -> bool:
     """A periodic checkpoint now (every N steps or M minutes); never at an epoch's end, which has its own."""

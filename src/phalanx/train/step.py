@@ -45,7 +45,9 @@ def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor
     return nll.sum()
 
 
-def optimizer_step(state: TrainState, grad_clip: float) -> None:
+def optimizer_step(state: TrainState, grad_clip: float, ema_steps: int = 1) -> None:
+    """The update, then the EMA takes in the last `ema_steps` steps (0: not at this step; see
+    cadence.ema_steps)."""
     with region("optimizer"):
         if grad_clip > 0:
             state.precision.unscale_(state.optimizer)
@@ -55,17 +57,17 @@ def optimizer_step(state: TrainState, grad_clip: float) -> None:
         state.scheduler.step()
     with region("sync"):
         state.strategy.after_step()  # one model on every rank, before the EMA takes it in
-    if state.ema is not None:
+    if state.ema is not None and ema_steps:
         with region("ema"):
-            state.ema.update_parameters(state.plain)
+            state.ema.update_parameters(state.plain, steps=ema_steps)
 
 
 def train_step(state: TrainState, batch: Batch, accum: int, loss_scale: float, label_smoothing: float = 0.0,
-               grad_clip: float = 0.0) -> tuple[torch.Tensor, bool]:
+               grad_clip: float = 0.0, ema_steps: int = 1) -> tuple[torch.Tensor, bool]:
     """(loss sum of the micro-batch, whether the optimizer stepped: on the last of `accum` micro-batches)."""
     last = batch.micro == accum - 1
     loss_sum = forward_backward(state, batch, loss_scale, label_smoothing, sync=last)
     if last:
-        optimizer_step(state, grad_clip)
+        optimizer_step(state, grad_clip, ema_steps)
     state.accel.step_barrier()  # XLA: the traced micro-step becomes one graph here (no host read)
     return loss_sum, last

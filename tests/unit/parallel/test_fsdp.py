@@ -113,3 +113,22 @@ def test_ema_update_is_the_usual_lerp():
         net.weight.add_(1.0)
     ema.update_parameters(net)
     torch.testing.assert_close(ema.module.weight, 0.9 * start + 0.1 * (start + 1.0))
+
+
+def test_an_ema_update_of_k_steps_is_k_updates_with_the_same_weights():
+    """--ema_every k: one update with decay**k takes the model in as k updates of the same weights would."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    once, thrice = averaged_model(net, 0.9), averaged_model(net, 0.9)
+    for ema in (once, thrice):
+        ema.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net(torch.randn(8, 3))  # moves the running statistics and the batch count
+    once.update_parameters(net, steps=3)
+    for _ in range(3):
+        thrice.update_parameters(net)
+    got, want = once.module.state_dict(), thrice.module.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.allclose(got["0.weight"], net[0].weight)  # an average, not a copy

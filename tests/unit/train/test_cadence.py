@@ -23,6 +23,14 @@ def test_evaluate_every_n_epochs_and_after_the_last():
     assert cadence.is_last_epoch(1, 6, 20, 20)  # max_steps reached before the last epoch
 
 
+def test_the_ema_takes_in_every_kth_step_and_the_rest_at_the_last():
+    # every 3 steps, 8 steps in all: updates after steps 3 and 6 (3 steps each) and 8 (the 2 since 6)
+    assert [cadence.ema_steps(s, 3, last=s == 8) for s in range(1, 9)] == [0, 0, 3, 0, 0, 3, 0, 2]
+    assert [cadence.ema_steps(s, 3, last=s == 6) for s in range(1, 7)] == [0, 0, 3, 0, 0, 3]
+    assert [cadence.ema_steps(s, 1, last=s == 4) for s in range(1, 5)] == [1, 1, 1, 1]  # the default
+    assert cadence.ema_steps(2, 5, last=True) == 2  # a run shorter than one interval still gets its average
+
+
 def test_periodic_checkpoints_by_steps_or_minutes_never_at_an_epochs_end():
     by_steps = CheckpointConfig(every_steps=3)
     assert [s for s in range(1, 11) if cadence.periodic_checkpoint_due(by_steps, s, s, 10, 0.0)] == [3, 6, 9]

@@ -3,6 +3,8 @@ import json
 import math
 import re
 
+import torch
+
 from phalanx.cli import main
 from tests.conftest import make_idx_dataset
 
@@ -25,3 +27,35 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_a_lower_lr(tmp_
     assert all(math.isfinite(r["loss"]) for r in logged)
     assert int(m[2]) == len(logged) + 1
     assert not (run / "model.safetensors").exists()
+
+
+def test_an_ema_updated_every_3_steps_resumes_to_the_same_average_and_differs_from_every_step(tmp_path):
+    """--ema_every 3 over 16 steps (8 an epoch): updates after steps 3, 6, ... 15 and at the last, 16. A run
+    resumed from the epoch-1 checkpoint (step 8, between two updates) exports the same weights as the
+    uninterrupted run; an EMA updated every step exports other weights (the setting reaches the loop); and
+    the last step always updates it."""
+    from safetensors.torch import load_file
+
+    data = make_idx_dataset(tmp_path / "idx", 128, 40)
+
+    def train(run: str, *argv) -> dict:
+        code = main(["train", "--data", str(data), "--data.cache_dir", str(tmp_path / "cache"),
+                     "--run_dir", str(tmp_path / run), "--nproc", "1", "--epochs", "2", "--global_batch", "16",
+                     "--model.width", "8", "--progress", "false", "--precision", "fp32", "--threads_per_rank", "1",
+                     "--ema", "0.8", "--deterministic", "true", *map(str, argv)])
+        assert code == 0
+        return load_file(tmp_path / run / "model.safetensors")
+
+    whole = train("whole", "--ema_every", "3")
+    resumed = train("resumed", "--ema_every", "3", "--resume", tmp_path / "whole" / "checkpoints" / "step-00000008")
+    every_step = train("every-step")
+    assert whole.keys() == resumed.keys() == every_step.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert any(not torch.allclose(whole[k].float(), every_step[k].float()) for k in whole)
+    # every 100 steps over 16: the only update is the last step's, the first, which copies the weights
+    only_last = train("only-last", "--ema_every", "100")
+    final = load_file(tmp_path / "only-last" / "checkpoints" / "step-00000016" / "model.safetensors")
+    assert only_last.keys() == final.keys()
+    for k in final:
+        assert torch.equal(only_last[k], final[k]), k

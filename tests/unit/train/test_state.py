@@ -1,11 +1,11 @@
 """TrainState: one state_dict that a checkpoint saves and a resume loads, and the training step."""
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from phalanx.config import Config
 from phalanx.data.loader import Batch
 from phalanx.models import build_model
 from phalanx.parallel.ddp import DDPStrategy
+from phalanx.parallel.strategy import averaged_model
 from phalanx.runtime import CPUAccelerator
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
@@ -25,8 +25,7 @@ def make_state(ema: float = 0.9) -> TrainState:
     return TrainState(model=model, strategy=strategy, optimizer=opt,
                       scheduler=build_scheduler(opt, cfg.sched, 20, 10),
                       precision=Precision.from_config("fp32", CPUAccelerator()),
-                      ema=AveragedModel(strategy.plain, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
-                      if ema else None, accel=CPUAccelerator())
+                      ema=averaged_model(strategy.plain, ema) if ema else None, accel=CPUAccelerator())
 
 
 def batches(n: int, micro: int = 1, seed: int = 1):
