@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from phalanx.data import prepare as P
-from phalanx.data.imageio import decode_chw
+from phalanx.data.imageio import decode_chw, fit
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import open_store
 from phalanx.data.streaming import (
@@ -15,6 +15,7 @@ from phalanx.data.streaming import (
     ImageFolderStream,
     RankOrder,
     decode_jpeg_batch_cuda,
+    fit_by_shape,
     streaming_loader,
 )
 from phalanx.errors import DataError
@@ -95,6 +96,23 @@ def test_encoded_items_are_the_file_bytes(clean_folder):
     ds = ImageFolderStream(clean_folder, 8, 3, encoded=True)
     data, _ = ds[0]
     assert data.dtype == torch.uint8 and bytes(data.numpy()) == Path(ds.files[0]).read_bytes()
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_fitting_stacks_of_same_shape_gives_each_images_own_pixels(channels, monkeypatch):
+    """The GPU decoder resizes each shape's images as one stack (in parts of at most FIT_STACK_VALUES values):
+    every image, whatever its shape, its index and its stack, comes out as `fit` of it alone."""
+    import phalanx.data.streaming as S
+    monkeypatch.setattr(S, "FIT_STACK_VALUES", 3 * 40 * 30 * 2)  # two 40 x 30 images a stack
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (20, 20), (40, 30), (30, 40), (40, 30), (20, 20), (40, 30), (40, 30), (16, 16)]
+    images = [(i * 3 + 1, torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8))
+              for i, (h, w) in enumerate(shapes)]
+    got = dict(fit_by_shape(images, 16, channels))
+    assert sorted(got) == [i for i, _ in images]
+    for i, img in images:
+        want = fit(img, 16, channels)
+        assert got[i].shape == (channels, 16, 16) and torch.equal(got[i], want), i
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
