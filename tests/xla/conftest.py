@@ -41,13 +41,16 @@ def train(data: Path, run_dir: Path, cache: Path, device: str, steps: int, *extr
 def runs(tmp_path_factory, cache_dir, xla_data):
     """`runs(name)`: the run directory of one of the session's uninterrupted runs, trained on first use."""
     out = tmp_path_factory.mktemp("xla-runs")
-    recipes = {"xla8": ("xla", 8), "xla16": ("xla", 16), "gloo8": ("cpu", 8)}
+    recipes = {"xla8": ("xla", 8), "xla16": ("xla", 16), "gloo8": ("cpu", 8),
+               # the EMA updated every 2 steps (--ema_every)
+               "xla8-ema2": ("xla", 8, "--ema_every", "2"), "xla16-ema2": ("xla", 16, "--ema_every", "2"),
+               "gloo8-ema2": ("cpu", 8, "--ema_every", "2")}
     done: dict = {}
 
     def get(name: str) -> Path:
         if name not in done:
-            device, steps = recipes[name]
-            train(xla_data, out / name, cache_dir, device, steps)
+            device, steps, *extra = recipes[name]
+            train(xla_data, out / name, cache_dir, device, steps, *extra)
             done[name] = out / name
         return done[name]
 

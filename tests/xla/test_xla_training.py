@@ -52,6 +52,22 @@ def test_compiled_graphs_do_not_grow_with_the_number_of_steps(runs):
     assert 0 < c8 == c16
 
 
+def test_an_ema_updated_every_2_steps_trains_like_gloo_and_compiles_a_fixed_set_of_graphs(runs):
+    """--ema_every 2: the exported average is the gloo run's (the device-side factors, decay**2 and the first
+    update's copy, are right on XLA), and 16 steps compile no more graphs than 8.
+
+    A step's graph depends on whether the EMA updates at it and whether the loss is read (the log, every 4
+    steps here): the kinds of graph are the combinations of the two cadences, a bounded set. With an
+    ema_every that divides the log's 4, 8 steps have met them all; with 3, an update first falls on a log step
+    at step 12 (measured: 9 graphs after 8 steps, 10 after 16)."""
+    print(f"max |ema_xla - ema_gloo| after 8 steps: {max_difference(runs('gloo8-ema2'), runs('xla8-ema2')):.3g}")
+    every, second = weights(runs("xla8")), weights(runs("xla8-ema2"))
+    assert max((every[k] - second[k]).abs().max().item() for k in every) > 10 * ATOL  # the setting reached XLA
+    c8, c16 = (metrics(runs(name), "eval")[-1]["compiled_graphs"] for name in ("xla8-ema2", "xla16-ema2"))
+    print(f"compiled graphs with --ema_every 2: {c8} after 8 steps, {c16} after 16")
+    assert 0 < c8 == c16
+
+
 def test_evaluation_on_xla_equals_evaluation_on_cpu(runs, cache_dir, xla_data):
     run_dir = runs("xla8")
     got = {}
