@@ -113,10 +113,10 @@ def train_to_end(run: Run) -> dict:
             start = state.position.step if epoch == state.position.epoch else 0
             for batch in run.loader.epoch(epoch, start):
                 env.phase = f"training epoch {epoch + 1} step {batch.step + 1} (forward/backward, gradient all-reduce)"
-                step = state.position.global_step + 1  # the optimizer step this batch belongs to
-                loss_sum, stepped = train_step(state, batch, cfg.grad_accum, env.world / cfg.global_batch,
-                                               cfg.optim.label_smoothing, cfg.optim.grad_clip,
-                                               cadence.ema_steps(step, cfg.ema_every, step >= run.total_steps))
+                next_global = state.position.global_step + 1  # the optimizer step this batch belongs to
+                loss_sum, stepped = train_step(
+                    state, batch, cfg.grad_accum, env.world / cfg.global_batch, cfg.optim.label_smoothing,
+                    cfg.optim.grad_clip, cadence.ema_steps(next_global, cfg.ema_every, next_global >= run.total_steps))
                 meter.add(loss_sum, len(batch.y))
                 if samples is not None:
                     samples.write(json.dumps({"epoch": epoch, "step": batch.step, "micro": batch.micro,
