@@ -17,7 +17,7 @@ import torch
 
 
 def run(model: str, strategy: str, nproc: int, steps: int, batch: int, extra: list[str]) -> dict:
-    from phalanx.bench import train_rate
+    from phalanx.tools.bench import train_rate
     r = train_rate(nproc, 1, steps, batch, ["--model.name", model, "--parallel.strategy", strategy, *extra])
     return dict(r, model=model, strategy=strategy)
 

@@ -54,7 +54,7 @@ def plain(steps: int, batch: int, width: int, threads: int) -> float:
 
 
 def phalanx(steps: int, batch: int, width: int, threads: int, extra: list[str]) -> float:
-    from phalanx.bench import train_rate
+    from phalanx.tools.bench import train_rate
     # +29 steps: the first logged window (warm-up) is dropped by train_rate.
     return train_rate(1, threads, steps + 29, batch, ["--model.width", str(width), "--precision", "bf16",
                                                       "--ema", "0", "--parallel.keep_cpu_memory", "false",

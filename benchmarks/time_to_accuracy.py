@@ -162,8 +162,8 @@ def main() -> int:
     results, curves, ref_final = compare(summaries, runs_of)
     import torch
 
-    from phalanx.doctor import cpu_info
     from phalanx.runtime.cpu import cpu_has_bf16
+    from phalanx.tools.doctor import cpu_info
     out = {"date": time.strftime("%Y-%m-%d"), "cpu": dict(cpu_info(), bf16_kernels=cpu_has_bf16()),
            "torch": torch.__version__, "runs": a.runs, "ref_runs": ref_runs, "ref_epochs": a.ref_epochs,
            "plain_final_acc": ref_final, "phalanx_args": a.phalanx_args, "results": results}

@@ -65,7 +65,7 @@ def small_idx(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A finished run directory in a few seconds: 8 steps of a width-8 house CNN on 256 generated images
     (64 test images), trained in this process; its config names the cache holding its prepared store."""
-    from phalanx.cli import main
+    from phalanx.commands import main
 
     root = tmp_path_factory.mktemp("tiny-run")
     data = make_idx_dataset(root / "idx", 256, 64)

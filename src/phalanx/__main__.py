@@ -1,3 +1,3 @@
-from phalanx.cli import entry
+from phalanx.commands import entry
 
 entry()

@@ -12,8 +12,10 @@ import dataclasses
 import difflib
 import inspect
 import math
+import re
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -255,8 +257,6 @@ class Config:
         """OUT_DIR/<date>-<time>-<model>: the run directory when none is given. Characters other than letters,
         digits, '.', '_' and '-' in the model's name become '-' (`timm:resnet18` -> `timm-resnet18`): TensorBoard's
         `--logdir` reads a colon as NAME:PATH, and Windows refuses it in a folder name."""
-        import re
-        import time
         model = re.sub(r"[^A-Za-z0-9._-]", "-", self.model.name)
         return str(Path(self.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}")
 
@@ -272,6 +272,20 @@ class Config:
         return self
 
 
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `90s`, `5m`, `1.5h` or a bare number of seconds; ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 90s, 5m or 2h")
+    seconds = float(m.group(1)) * UNITS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{text!r} must be a positive duration")
+    return seconds
+
+
 def _check_run(cfg: Config, need) -> None:
     """Epochs, batches, evaluation, steps, budget, EMA."""
     need(cfg.epochs >= 1, "epochs", "must be >= 1 (to evaluate saved weights: `phalanx eval RUN_DIR`)")
@@ -282,7 +296,6 @@ def _check_run(cfg: Config, need) -> None:
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
     need(cfg.max_steps >= 0, "max_steps", "must be >= 0")
     if cfg.budget:
-        from phalanx.train.budget import parse_duration
         try:
             parse_duration(cfg.budget)
         except ValueError as e:
@@ -297,13 +310,7 @@ def _check_run(cfg: Config, need) -> None:
 
 
 def _check_model_and_optim(cfg: Config, need) -> None:
-    """The model, the optimizer and the schedule."""
-    from phalanx.models import model_refusal, option_refusal  # late: models import torch
-    why = model_refusal(cfg.model.name)
-    need(why is None, "model.name", str(why))
-    refused = option_refusal(cfg.model.name, cfg.model.small_input, cfg.model.zero_init_residual)
-    if refused is not None:  # (field, why)
-        need(False, *refused)
+    """The model, the optimizer and the schedule (which models exist: tools/checks.py, with the models)."""
     need(not cfg.model.pretrained or Path(cfg.model.pretrained).expanduser().is_file(), "model.pretrained",
          "no such file (give a local .safetensors file; nothing is downloaded)")
     need(1 <= cfg.model.width <= 1024, "model.width", "must be in 1..1024")
@@ -322,12 +329,9 @@ def _check_model_and_optim(cfg: Config, need) -> None:
 
 
 def _check_data(cfg: Config, need) -> None:
-    """The data and its augmentation."""
-    from phalanx.data.imageio import max_pixels, too_many_pixels  # late: imports torch
+    """The data and its augmentation (the decoder's pixel limit: tools/checks.py)."""
     d = cfg.data
     need(d.size >= 0, "data.size", "must be >= 0 (0: choose from the images)")
-    need(not too_many_pixels((d.size, d.size)), "data.size", f"a {d.size}x{d.size} image has more pixels than "
-         f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
     need(d.channels in (0, 1, 3), "data.channels", "must be 1 (grayscale), 3 (RGB) or 0 (choose)")
     need(d.stream_workers >= 0, "data.stream_workers", "must be >= 0 (0: one per core of this rank)")
     need(not d.stream or d.size >= 1, "data.size", "--data.stream needs the image side, e.g. --data.size 64")
@@ -351,27 +355,15 @@ def _check_augment(cfg: Config, need) -> None:
     need(a.cutmix >= 0, "augment.cutmix", "is the alpha of a Beta distribution: must be >= 0 (0: off; 1.0 is usual)")
     need(a.mixup <= 100, "augment.mixup", "must be at most 100")
     need(a.cutmix <= 100, "augment.cutmix", "must be at most 100")
-    nproc = cfg.parallel.nproc
-    world = int(nproc) * cfg.parallel.nnodes if nproc.isdecimal() and len(nproc) <= 6 else 0  # 0: unknown yet
-    if (a.mixup > 0 or a.cutmix > 0) and 1 <= world <= 1 << 16 and cfg.grad_accum >= 1:
-        from phalanx.data.mix import mix_layout_error  # a rank's part must hold whole pairs (the ranks check too)
-        why = mix_layout_error(cfg.global_batch, cfg.grad_accum, world)
-        if why:
-            raise ConfigError(why)
 
 
 def _check_parallel(cfg: Config, need) -> None:
-    """Ranks, threads, nodes, devices, timeouts, sharding; and checkpoints."""
-    from phalanx.runtime.cpu import max_processes  # late: imports torch
+    """Ranks, threads, nodes, devices, timeouts, sharding; and checkpoints (what this node can run:
+    tools/checks.py)."""
     p = cfg.parallel
-    # isdecimal, not isdigit: int() refuses digits such as '²'; 19+ digits are out of range below.
+    # isdecimal, not isdigit: int() refuses digits such as '²'; 19+ digits are out of range (tools/checks.py).
     need(p.nproc == "auto" or (p.nproc.isdecimal() and (len(p.nproc) > 18 or int(p.nproc) >= 1)),
          "parallel.nproc", "must be a positive number or 'auto'")
-    most = max_processes()
-    need(p.nproc == "auto" or (len(p.nproc) <= 18 and int(p.nproc) <= most), "parallel.nproc",
-         f"more ranks than this node can usefully run (at most {most}); use --nproc auto")
-    need(p.threads_per_rank <= most, "parallel.threads_per_rank", f"must be at most {most} (0: cores / ranks)")
-    need(cfg.data.stream_workers <= most, "data.stream_workers", f"must be at most {most} (0: cores / ranks)")
     need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
     # XLA: one process per host drives all its devices (SPMD); a pod's hosts each run the same command.
     need(cfg.device != "xla" or p.nproc in ("auto", "1"), "parallel.nproc",
@@ -399,10 +391,8 @@ def _check_parallel(cfg: Config, need) -> None:
 
 
 def _check_limits(cfg: Config, need) -> None:
-    """TensorBoard when asked; then what every field must be for the libraries that take it."""
-    from phalanx.observe.sinks import tensorboard_installed
-    need(cfg.log.tensorboard != "true" or tensorboard_installed(), "log.tensorboard",
-         "tensorboard is not installed: pip install tensorboard (or --log.tensorboard auto)")
+    """What every field must be for the libraries that take it (whether TensorBoard is installed:
+    tools/checks.py)."""
     for info in fields_of():  # what the checks above leave: values the libraries below cannot hold
         v = get_key(cfg, info.key)
         if isinstance(v, int) and not isinstance(v, bool):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_phalanx
 from tests.dist.conftest import cmd
-from tests.unit.observe.test_report import links_of, text_of
+from tests.unit.tools.test_report import links_of, text_of
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

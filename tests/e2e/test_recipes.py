@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from phalanx import config as C
-from phalanx.cli import main
+from phalanx.commands import main
 from tests.conftest import run_phalanx
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,6 @@
 import pytest
 
-from phalanx.cli import main
+from phalanx.commands import main
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -49,7 +49,7 @@ def test_a_command_leaves_without_the_interpreter_teardown_but_after_what_exit_r
     import subprocess
     import sys
     prog = ("import atexit, sys\n"
-            "from phalanx.cli import leave\n"
+            "from phalanx.commands.outcome import leave\n"
             "atexit.register(lambda: print('atexit ran'))\n"
             "print('buffered', end=' ')\n"
             "leave(3)\n")
@@ -57,7 +57,7 @@ def test_a_command_leaves_without_the_interpreter_teardown_but_after_what_exit_r
     assert r.returncode == 3 and r.stdout == "buffered atexit ran\n", r
     done = tmp_path / "done"
     prog = ("import threading, time\n"
-            "from phalanx.cli import leave\n"
+            "from phalanx.commands.outcome import leave\n"
             f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(done)!r}, 'w').close())).start()\n"
             "leave(0)\n")
     r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from phalanx import config as C
-from phalanx.cli import main
+from phalanx.commands import main
 from phalanx.errors import ConfigError
 
 
@@ -76,17 +76,13 @@ def test_unknown_key_in_recipe_names_the_file(tmp_path):
     ("seed", "9" * 20, "seed=99999999999999999999: is out of range"),
     ("augment.cutout", "9" * 20, "augment.cutout=99999999999999999999: is out of range"),
     ("model.width", "100000", "model.width=100000: must be in 1..1024"),
-    ("nproc", "100000", "parallel.nproc='100000': more ranks than this node can usefully run"),
     ("nproc", "²", "parallel.nproc='²': must be a positive number"),
-    ("threads_per_rank", "100000", "parallel.threads_per_rank=100000: must be at most"),
-    ("stream_workers", "100000", "data.stream_workers=100000: must be at most"),
     ("parallel.timeout_s", "inf", "parallel.timeout_s=inf: must be in (0, 2592000] seconds"),
     ("parallel.bucket_mb", "1e300", "parallel.bucket_mb=1e+300: must be in (0, 1048576] MiB"),
     ("optim.weight_decay", "inf", "optim.weight_decay=inf: must be in [0, 1000]"),
     ("optim.lr", "1e30", "optim.lr=1e+30: must be a positive number up to 1000"),
     ("ckpt.every_minutes", "inf", "ckpt.every_minutes=inf: must be a finite number"),
     ("optim.lr", "nan", "optim.lr=nan: must be a positive number"),
-    ("model.name", "resnt18", "did you mean 'resnet18'"),
     ("epochs", "many", "expected an integer"),
     ("precision", "fp8", "choose one of auto, bf16, fp16, fp32"),
     ("tta_flip", "maybe", "expected true or false"),

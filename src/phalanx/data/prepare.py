@@ -1,4 +1,4 @@
-"""`phalanx data prepare|info|verify`: turn raw images into a prepared store (see store.py).
+"""Turn raw images into a prepared store (see store.py); `phalanx data prepare|info|verify` is commands/data.py.
 
     idx folder     MNIST / Fashion-MNIST idx files               -> read as they are (idx.read_idx_pair)
     CIFAR-10/100   the *binary* version (data_batch_N.bin, ...)   -> fixed-size records parsed with numpy;
@@ -16,10 +16,8 @@ nothing that looks complete; a prepare whose store is already there returns at o
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -726,89 +724,3 @@ def summary(manifest: dict, path: Path | str) -> str:
         if len(skipped) > 20:
             lines.append(f"  ... {len(skipped) - 20} more (phalanx data info --json)")
     return "\n".join(lines)
-
-
-def _cmd_prepare(a: argparse.Namespace) -> int:
-    out = prepare(Path(a.src), Path(a.out), size=a.size, channels=a.channels, workers=a.workers,
-                  skip_bad=a.skip_bad, progress=not a.no_progress)
-    store = open_store(out)
-    splits = ", ".join(f"{n} {len(s):,d}" for n, s in store.splits.items())
-    h, w, c = store.shape
-    skipped = len(store.manifest.get("skipped", []))
-    print(f"phalanx: store {out}: {splits} images of {h}x{w}x{c}, {len(store.classes)} classes"
-          + (f"; skipped {skipped} unreadable file(s), listed by `phalanx data info {out}`" if skipped else ""))
-    return 0
-
-
-def _cmd_info(a: argparse.Namespace) -> int:
-    store = open_store(Path(a.store))
-    print(json.dumps(store.manifest, indent=1) if a.json else summary(store.manifest, store.path))
-    return 0
-
-
-def _cmd_verify(a: argparse.Namespace) -> int:
-    store = open_store(Path(a.store))
-    store.verify()
-    n = sum(len(s) for s in store.splits.values())
-    print(f"phalanx: {store.path}: OK, {2 * len(store.splits)} files ({n:,d} images) match their checksums")
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="phalanx data", description="Build and inspect prepared stores: decoded uint8 images in memory-mapped "
-        "files plus a JSON manifest, read directly by `phalanx train --data STORE`.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    pp = sub.add_parser(
-        "prepare", help="convert idx files, CIFAR binaries or an ImageFolder into a store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert SRC into a prepared store at OUT.\n\n"
-        "SRC is one of:\n"
-        "  a folder of MNIST/Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], ...)\n"
-        "  CIFAR-10/100 binary version (data_batch_1.bin ... test_batch.bin, or train.bin + test.bin,\n"
-        "    or the folder holding cifar-10-batches-bin/); the python (pickle) version is refused\n"
-        "  an ImageFolder: SRC/<class>/**/<image>; or SRC/train/<class>/... with SRC/val/ or SRC/test/.\n"
-        "    Without split folders a stratified 10% test split is held out (deterministic).\n"
-        "    JPEG, PNG, BMP, GIF, WebP, TIFF, PPM; any size and mode; other files are ignored.\n\n"
-        "Images are resized (shorter side to --size, bilinear, antialias) and centre-cropped.\n"
-        "Re-running with the same source and options returns the existing store; an interrupted\n"
-        "prepare leaves no store behind.",
-        epilog="example: phalanx data prepare ~/photos ~/stores/photos-64 --size 64 --skip-bad")
-    pp.add_argument("src", metavar="SRC", help="source folder")
-    pp.add_argument("out", metavar="OUT", help="store folder to create (replaced if it holds another store)")
-    pp.add_argument("--size", type=int, default=0, metavar="N",
-                    help="side of the square images (default 0: the images' own size if they all share one "
-                         f"square size, else {DEFAULT_SIZE}; CIFAR: 32)")
-    pp.add_argument("--channels", type=int, default=0, choices=(0, 1, 3), metavar="1|3",
-                    help="1 = grayscale, 3 = RGB (default: 1 if every image is grayscale, else 3)")
-    pp.add_argument("--workers", type=int, default=0, metavar="N",
-                    help="decoding processes (default 0: one per CPU)")
-    pp.add_argument("--skip-bad", action="store_true",
-                    help="leave out unreadable or corrupt files and list them in the manifest "
-                         "(default: stop and list every one of them)")
-    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pp.set_defaults(func=_cmd_prepare)
-    pi = sub.add_parser("info", help="print a store's manifest summary",
-                        description="Print what a prepared store holds: source, shape, classes, split sizes, "
-                                    "mean/std, skipped files.")
-    pi.add_argument("store", metavar="STORE")
-    pi.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
-    pi.set_defaults(func=_cmd_info)
-    pv = sub.add_parser("verify", help="recompute a store's checksums",
-                        description="Recompute the SHA-256 of every array file and compare with the manifest.")
-    pv.add_argument("store", metavar="STORE")
-    pv.set_defaults(func=_cmd_verify)
-    return p
-
-
-def cli(argv: list[str]) -> int:
-    """`phalanx data ...`; DataError propagates to the caller (printed as one error, exit 1)."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return args.func(args)

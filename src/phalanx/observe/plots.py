@@ -2,7 +2,7 @@
 
 The report's functions take runs as objects with `label`, `color`, `train` (records with step, wall,
 loss, lr, img_s), `evals` (records with step, wall, acc, loss), `rank_img_s` ({rank: [(step,
-img/s)]}) and `resumes` (records with step, wall), as phalanx.observe.report builds them, and
+img/s)]}) and `resumes` (records with step, wall), as phalanx.tools.report builds them, and
 write one PNG each.
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Start N ranks per node through PyTorch's elastic launcher (the engine behind `torchrun`).
 
-`phalanx train --nproc 2 ...` becomes `torchrun --standalone --nproc-per-node 2 -m phalanx train ...`
-run in this process by `torch.distributed.run`; multi-node runs use a c10d rendezvous. Nothing
-here spawns or watches processes by hand: restarts, failure reports and teardown are the agent's.
+`phalanx train --nproc 2 ...` becomes `torchrun --standalone --nproc-per-node 2 -m phalanx.commands.rank
+train ...` run in this process by `torch.distributed.run`; multi-node runs use a c10d rendezvous. Nothing
+here spawns or watches processes by hand: restarts, failure reports and teardown are the agent's. What a
+rank runs is the caller's: `launch` is handed the rank entry and never imports the commands.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 51
     return fitting, f"{why}; {fitting}, the most that keep mixup/CutMix's pairs whole"
 
 
-def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
-    """torchrun's own flags for this run (the worker's arguments are passed separately)."""
+def launcher_argv(pcfg: ParallelConfig, nproc: int, module: str = "phalanx.commands.rank") -> list[str]:
+    """torchrun's own flags for this run, ending with `-m MODULE` (the rank's arguments are passed separately)."""
     argv = ["--nproc-per-node", str(nproc), "--max-restarts", str(pcfg.max_restarts), "--monitor-interval", "0.1"]
     if pcfg.nnodes == 1 and not pcfg.rdzv_endpoint:
         argv += ["--standalone"]
@@ -45,11 +46,16 @@ def launcher_argv(pcfg: ParallelConfig, nproc: int) -> list[str]:
                  "--rdzv-endpoint", pcfg.rdzv_endpoint or "127.0.0.1:29400", "--rdzv-id", pcfg.rdzv_id]
         if pcfg.node_rank >= 0:
             argv += ["--node-rank", str(pcfg.node_rank)]
-    return argv + ["-m", "phalanx"]
+    return argv + ["-m", module]
 
 
-def _forked_rank(*argv: str) -> None:
-    """A rank forked from the launcher: `python -m phalanx ARGV`, minus the ~2 s of importing torch.
+RankEntry = Callable[[list[str]], int]
+"""What each rank runs: `entry(argv)` returns the rank's exit code. Spawned ranks run `python -m
+entry.__module__ ARGV`, which must call it (`if __name__ == "__main__"`); forked ones call it directly."""
+
+
+def _forked_rank(entry: RankEntry, *argv: str) -> None:
+    """A rank forked from the launcher: `entry(ARGV)`, minus the ~2 s of importing torch.
 
     The elastic agent has already set RANK, WORLD_SIZE, MASTER_ADDR... in this process. The
     signal handlers copied from the agent (which raise its SignalException) are reset, so the rank
@@ -58,8 +64,7 @@ def _forked_rank(*argv: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from phalanx.cli import main
-    code = main(list(argv))
+    code = entry(list(argv))
     if code:
         raise SystemExit(code)
     leave_after_return(RETURN_GRACE_S)
@@ -174,9 +179,12 @@ def check_layout(pcfg: ParallelConfig, nproc: int, device_pref: str) -> str:
     return method
 
 
-def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str], run_dir=None,
-           device_pref: str = "auto") -> int:
-    """Run `python -m phalanx MODULE_ARGS` on `nproc` ranks per node; returns the exit code.
+def launch(pcfg: ParallelConfig, nproc: int, threads: int, entry: RankEntry, rank_args: list[str], run_dir=None,
+           device_pref: str = "auto", on_stop: Callable[[signal.Signals], int] | None = None) -> int:
+    """Run `entry(RANK_ARGS)` on `nproc` ranks per node; returns the exit code.
+
+    `on_stop(signal)`: what the command says and returns when a stop signal (a preemption) was passed on to
+    the ranks and they finished (default: one line, exit 128 + the signal's number).
 
     Does what `torch.distributed.run.run` does (parse torchrun flags, `config_from_args`,
     `elastic_launch`), except that the worker's arguments bypass torchrun's argparse, which
@@ -194,15 +202,15 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
     # Workers sharing the rendezvous TCPStore can read the previous attempt's keys after an elastic
     # restart and hang in process-group init (pytorch/pytorch#135712): give each attempt its own store.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    args = get_args_parser().parse_args(launcher_argv(pcfg, nproc) + ["--"])
+    args = get_args_parser().parse_args(launcher_argv(pcfg, nproc, entry.__module__) + ["--"])
     if args.standalone:  # as torch.distributed.run.run does for --standalone, on loopback
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "127.0.0.1:0", str(uuid.uuid4())
     rdzv_server = bind_rendezvous(args, pcfg)  # noqa: F841 (held while the agent runs)
     config, cmd, cmd_args = config_from_args(args)
-    cmd_args = [a for a in cmd_args if a != "--"] + list(module_args)
+    cmd_args = [a for a in cmd_args if a != "--"] + list(rank_args)
     config.start_method = method
     if config.start_method == "fork":  # a function entrypoint: the agent forks, runs it, watches the exit code
-        cmd, cmd_args = _forked_rank, list(module_args)
+        cmd, cmd_args = _forked_rank, [entry, *rank_args]
     # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which
     # finish their step, write a checkpoint and exit 0. So SIGUSR1 here becomes SIGTERM.
     old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
@@ -212,14 +220,11 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, module_args: list[str
         print(f"phalanx: the run failed\n{e}\n{failure_line(e, run_dir)}", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:
-        # The agent passed the signal on: each rank finished its step and wrote a checkpoint.
-        from phalanx.train.checkpoint import find_latest
-        saved = run_dir is not None and find_latest(run_dir) is not None
-        where = run_dir or "RUN_DIR"
-        print(f"phalanx: stopped by {e.sigval.name}; "
-              + (f"checkpoint written, resume with `phalanx train --resume {where}`" if saved else
-                 f"no checkpoint was written in {where}"), file=sys.stderr, flush=True)
-        return 0 if saved else 128 + int(e.sigval)
+        # The agent passed the signal on: each rank finished its step (and a training wrote a checkpoint).
+        if on_stop is not None:
+            return on_stop(e.sigval)
+        print(f"phalanx: stopped by {e.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
     finally:
         signal.signal(signal.SIGUSR1, old_usr1)
     return 0

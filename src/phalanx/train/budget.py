@@ -13,9 +13,7 @@ are skipped: each would take time from training.
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 
 START_ENV = "PHALANX_START_TIME"
@@ -27,20 +25,6 @@ TUNED_RATE_ENV = "PHALANX_TUNED_IMG_S"
 BUDGET_EVERY = 5
 """Optimizer steps between two estimates of the steps that fit in a budget (one small broadcast each), where
 reading a value back costs nothing (CPU); see `estimate_every`."""
-
-UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds of `90s`, `5m`, `1.5h` or a bare number of seconds; ValueError otherwise."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text or "")
-    if not m:
-        raise ValueError(f"{text!r} is not a duration like 90s, 5m or 2h")
-    seconds = float(m.group(1)) * UNITS[m.group(2) or "s"]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{text!r} must be a positive duration")
-    return seconds
-
 
 _entry_start: float | None = None
 """When this process started, recorded by the `phalanx` entry point (cli.entry) of the command's own process."""

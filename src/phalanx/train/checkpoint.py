@@ -30,9 +30,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from phalanx import faults
 from phalanx.durable import fsync_path, is_count, json_type, plain_file_name, read_json, sha256_file
 from phalanx.errors import CheckpointError, first_line
+from phalanx.train import faults
 
 MARKER = "COMPLETE"
 CORRUPT = ".corrupt"   # suffix of a checkpoint folder set aside by `set_aside`

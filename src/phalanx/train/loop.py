@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 from phalanx import config as C
-from phalanx import faults
 from phalanx.errors import ConfigError
 from phalanx.observe.console import Progress, TrainMeter
 from phalanx.observe.profile import StepProfiler
 from phalanx.parallel.collectives import broadcast_object, ranks_holding
 from phalanx.runtime import dist as rdist
-from phalanx.train import cadence, sharded_checkpoint
+from phalanx.train import cadence, faults, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.budget import eval_seconds_guess
 from phalanx.train.evaluate import evaluate

@@ -32,7 +32,6 @@ from phalanx.train.budget import (
     command_start,
     estimate_every,
     eval_seconds_guess,
-    parse_duration,
 )
 from phalanx.train.precision import Precision
 from phalanx.train.schedule import build_optimizer, build_scheduler
@@ -305,7 +304,7 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
     env.phase = "preparing the data"
     store, loader, test_data, normalize, sampler = open_data(cfg, env, run_dir)
     steps_per_epoch = sampler.steps
-    budget = (Budget(parse_duration(cfg.budget), command_start(),
+    budget = (Budget(C.parse_duration(cfg.budget), command_start(),
                      every=estimate_every(steps_per_epoch, env.accel.host_reads_sync)) if cfg.budget else None)
     total_steps = (steps_per_epoch * cfg.epochs if budget is None else  # rank 0's clock decides for all
                    broadcast_object(first_estimate(budget, cfg, len(test_data.split),

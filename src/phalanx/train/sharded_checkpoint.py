@@ -33,10 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from phalanx import faults
 from phalanx.errors import CheckpointError, first_line
 from phalanx.parallel.collectives import broadcast_object
 from phalanx.train import checkpoint as ckpt
+from phalanx.train import faults
 
 FORMAT = "dcp"
 METADATA = ".metadata"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from phalanx.config import AugmentConfig, Config
 from phalanx.data.augment import Normalize, augment_extra, draw_extra, draw_params
 from phalanx.errors import ConfigError
+from phalanx.tools.checks import check_config
 from phalanx.train.step import mixed_cross_entropy
 
 
@@ -121,15 +122,15 @@ def test_the_new_fields_are_off_by_default_and_valid():
 
 
 def test_a_mixing_layout_that_cuts_pairs_is_refused_before_any_rank_starts():
-    Config(global_batch=30, augment=AugmentConfig(mixup=0.2)).validate()  # nproc auto: the ranks check it
+    check_config(Config(global_batch=30, augment=AugmentConfig(mixup=0.2)).validate())  # nproc auto: ranks check
     cfg = Config(global_batch=30, augment=AugmentConfig(cutmix=1.0))
     cfg.parallel.nproc = "2"
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        check_config(cfg.validate())
     assert str(e.value).startswith("global_batch=30 (grad_accum=1) splits into parts of 15, 15 images over 2 rank")
     assert "multiple of 4" in str(e.value) and "e.g. 28" in str(e.value)
     cfg.global_batch = 28
-    cfg.validate()
+    check_config(cfg.validate())
 
 
 def test_crops_the_store_cannot_give_are_one_line(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from phalanx.commands.data import data as data_cli
 from phalanx.data import prepare as P
 from phalanx.data.imageio import decode_to_uint8
 from phalanx.data.store import MANIFEST, is_store, open_store
@@ -335,15 +336,15 @@ def test_idx_folders_are_delegated(tmp_path):
 
 def test_cli_prepare_info_verify(folder, tmp_path, capsys):
     out = tmp_path / "store"
-    assert P.cli(["prepare", str(folder), str(out), "--size", "16", "--workers", "1", "--skip-bad",
+    assert data_cli(["prepare", str(folder), str(out), "--size", "16", "--workers", "1", "--skip-bad",
                   "--no-progress"]) == 0
     assert "skipped 2" in capsys.readouterr().out
-    assert P.cli(["info", str(out)]) == 0
+    assert data_cli(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "16x16" in text and "empty" in text and "corrupt.jpg" in text
-    assert P.cli(["info", str(out), "--json"]) == 0
+    assert data_cli(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shape"] == [16, 16, 3]
-    assert P.cli(["verify", str(out)]) == 0
+    assert data_cli(["verify", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
     with open(out / "train-images.npy", "r+b") as f:  # flip one pixel byte
         f.seek(-1, 2)
@@ -351,9 +352,9 @@ def test_cli_prepare_info_verify(folder, tmp_path, capsys):
         f.seek(-1, 2)
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(DataError, match="checksum"):
-        P.cli(["verify", str(out)])
-    assert P.cli(["prepare", "--help"]) == 0
-    assert P.cli(["prepare", str(folder)]) == 2  # missing OUT: argparse usage error
+        data_cli(["verify", str(out)])
+    assert data_cli(["prepare", "--help"]) == 0
+    assert data_cli(["prepare", str(folder)]) == 2  # missing OUT: argparse usage error
 
 
 def test_an_existing_folder_that_is_not_a_store_is_never_replaced(folder, tmp_path):
@@ -381,7 +382,7 @@ def test_a_folder_with_another_manifest_json_is_not_a_store(folder, tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_1(tmp_path, capsys):
-    from phalanx.cli import main
+    from phalanx.commands import main
     assert main(["data", "prepare", str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
     (tmp_path / "src").mkdir()
@@ -395,7 +396,7 @@ def test_cli_errors_are_one_line_exit_1(tmp_path, capsys):
                               "most {most}: 8 per usable core, within the open-file limit)"),
 ])
 def test_an_absurd_size_or_worker_count_is_one_line_exit_2(folder, tmp_path, capsys, option, needle):
-    from phalanx.cli import main
+    from phalanx.commands import main
     from phalanx.runtime.cpu import max_processes
     out = tmp_path / "stores" / "out"
     assert main(["data", "prepare", str(folder), str(out), "--no-progress", *option]) == 2
@@ -406,7 +407,7 @@ def test_an_absurd_size_or_worker_count_is_one_line_exit_2(folder, tmp_path, cap
 
 @pytest.mark.parametrize("kind", ["imagefolder", "cifar10", "idx"])
 def test_a_store_larger_than_the_free_disk_is_refused_naming_its_size(folder, tmp_path, capsys, monkeypatch, kind):
-    from phalanx.cli import main
+    from phalanx.commands import main
     from tests.conftest import make_idx_dataset
     src, option = {"imagefolder": (folder, ["--size", "300", "--channels", "3"]),
                    "cifar10": (tmp_path / "cifar", ["--size", "300"]), "idx": (tmp_path / "idx", [])}[kind]

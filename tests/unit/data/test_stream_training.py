@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from phalanx import config as C
-from phalanx.cli import main
+from phalanx.commands import main
 from phalanx.data import prepare as P
 from phalanx.data.augment import Normalize
 from phalanx.data.loader import SplitOnDevice, TrainLoader, eval_chunks

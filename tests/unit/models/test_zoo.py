@@ -10,6 +10,7 @@ from phalanx import config as C
 from phalanx.errors import ConfigError
 from phalanx.models import build_model, listing, parameter_count
 from phalanx.models.pretrained import load_pretrained
+from phalanx.tools.checks import checked_config
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def resnet18():
 
 
 def _config(*overrides: str) -> C.Config:
-    return C.build_config(None, [tuple(o.split("=", 1)) for o in overrides])
+    return checked_config(None, [tuple(o.split("=", 1)) for o in overrides])
 
 
 def _last_stage_side(net: torch.nn.Module, stage: torch.nn.Module, side: int, channels: int = 3) -> int:
@@ -125,7 +126,7 @@ def test_parameter_counts_are_those_of_the_built_model(resnet18):
 def test_training_starts_from_pretrained_weights_instead_of_whitening(tiny_run, tmp_path):
     from safetensors.torch import load_file
 
-    from phalanx.cli import main
+    from phalanx.commands import main
     root, run_dir = tiny_run.parent, tmp_path / "run"
     assert main(["train", "--data", str(root / "idx"), "--data.cache_dir", str(root / "cache"), "--nproc", "1",
                  "--epochs", "1", "--max_steps", "1", "--global_batch", "32", "--model.width", "8", "--ema", "0",

@@ -6,10 +6,11 @@ import sys
 import pytest
 
 from phalanx import config as C
-from phalanx.cli import main
+from phalanx.commands import main
 from phalanx.errors import ConfigError
 from phalanx.observe.console import MetricsWriter
 from phalanx.observe.sinks import TENSORBOARD_DIR, metric_sinks
+from phalanx.tools.checks import checked_config
 
 
 def _hide_tensorboard(monkeypatch):
@@ -53,7 +54,7 @@ def test_no_tensorboard_installed_means_no_events_and_no_error(tiny_run, tmp_pat
 def test_tensorboard_true_without_tensorboard_is_one_line_naming_the_fix(monkeypatch):
     _hide_tensorboard(monkeypatch)
     with pytest.raises(ConfigError) as e:
-        C.build_config(None, [("log.tensorboard", "true")])
+        checked_config(None, [("log.tensorboard", "true")])
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("log.tensorboard='true'") and "pip install tensorboard" in msg
 

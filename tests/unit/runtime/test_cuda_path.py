@@ -133,7 +133,7 @@ def test_cpu_streaming_still_decodes_in_workers(tmp_path):
 
 
 def test_phalanx_train_refuses_more_ranks_than_gpus_before_preparing_any_data(monkeypatch, tmp_path, capsys):
-    from phalanx.cli import main
+    from phalanx.commands import main
     from phalanx.data import sources
     monkeypatch.setitem(runtime.KINDS, "cuda", OneGPU)
     monkeypatch.setattr(sources, "open_on_node", lambda *a, **k: pytest.fail("data prepared before the refusal"))

@@ -11,7 +11,7 @@ def test_one_node_is_standalone():
     argv = launcher_argv(ParallelConfig(max_restarts=2), 3)
     assert argv[:2] == ["--nproc-per-node", "3"] and "--standalone" in argv
     assert argv[argv.index("--max-restarts") + 1] == "2"
-    assert argv[-2:] == ["-m", "phalanx"] and "--rdzv-backend" not in argv
+    assert argv[-2:] == ["-m", "phalanx.commands.rank"] and "--rdzv-backend" not in argv
 
 
 def test_several_nodes_meet_at_a_c10d_rendezvous():

@@ -1,7 +1,8 @@
 """The budget arithmetic with a fake clock."""
 import pytest
 
-from phalanx.train.budget import BUDGET_EVERY, Budget, StepClock, estimate_every, eval_seconds_guess, parse_duration
+from phalanx.config import parse_duration
+from phalanx.train.budget import BUDGET_EVERY, Budget, StepClock, estimate_every, eval_seconds_guess
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("90", 90), ("5m", 300), ("1.5h", 5400), (" 2m ", 120)])

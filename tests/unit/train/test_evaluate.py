@@ -7,11 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from phalanx.cli import main
+from phalanx.commands import main
 
 
 def _test_split(run_dir):
-    from phalanx.export import run_store
+    from phalanx.tools.export import run_store
     return run_store(run_dir)["test"]
 
 

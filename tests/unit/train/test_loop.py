@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from phalanx.cli import main
+from phalanx.commands import main
 from tests.conftest import make_idx_dataset
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from phalanx import config as C
-from phalanx.cli import main
+from phalanx.commands import main
 from phalanx.errors import ConfigError
 from phalanx.train.setup import resolve_run_dir
 from tests.conftest import make_idx_dataset

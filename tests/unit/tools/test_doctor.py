@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from phalanx import doctor
+from phalanx.commands import main
+from phalanx.tools import doctor
 from tests.conftest import run_phalanx
 
 
@@ -26,7 +27,7 @@ def test_doctor_passes_on_this_machine_and_reports_every_section(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="NCCL may work on a machine with GPUs")
 def test_an_absent_backend_is_one_clear_problem_and_a_non_zero_exit(capsys):
-    assert doctor.cli(["--backend", "nccl"]) == 1
+    assert main(["doctor", "--backend", "nccl"]) == 1
     captured = capsys.readouterr()
     problems = captured.err.splitlines()
     assert len(problems) == 1 and problems[0].startswith("phalanx doctor: problem: backend nccl: ")

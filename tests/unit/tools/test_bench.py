@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from phalanx import bench
+from phalanx.tools import bench
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

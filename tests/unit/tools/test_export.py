@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from phalanx import export as X
-from phalanx.cli import main
+from phalanx.commands import main
 from phalanx.data.augment import Normalize
+from phalanx.tools import export as X
 from phalanx.train.evaluate import load_weights
 
 

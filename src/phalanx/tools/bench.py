@@ -1,16 +1,9 @@
-"""`phalanx bench`: throughput against world size and layout, and FLOP accounting.
-
-    phalanx bench scaling [--max-world N] [--steps S] [--global_batch B] [--json FILE]
-    phalanx bench flops   [--model NAME] [--batch B] [--precision auto|bf16|fp32]
-    phalanx bench step    [--nproc N] [--model NAME] [--width W] [--global_batch B]   compute vs communication
-    phalanx bench loader  [--data D] [--global_batch B] [--steps S]                    input pipeline img/s
-    phalanx bench all     [--out DIR]     all of the above: one JSON, one table, one PNG (bench.png)
-
-Each prints a table and one JSON object (last line of stdout).
+"""Throughput against world size and layout, the split of a step, the input pipeline, and FLOP accounting:
+what `phalanx bench scaling|flops|step|loader|all` runs (commands/bench.py). Each prints a table and one JSON
+object (the last line of stdout).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -41,34 +34,30 @@ def train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str
                 "wall_s": round(wall, 1), "acc": summary.get("acc"), "memory_per_rank": summary.get("memory_per_rank")}
 
 
-def scaling(argv: list[str]) -> int:
+def scaling(max_world: int | None = None, steps: int = 90, global_batch: int = 512, json_path: Path | None = None,
+            extra: list[str] = ()) -> int:
+    """img/s for world sizes 1..max_world (default: the GPUs, or the cores) and the scaling efficiency; on CPU
+    also the same cores as 1 process x all threads against all processes x 1 thread."""
     from phalanx import runtime
     from phalanx.runtime.cpu import usable_cores
-    p = argparse.ArgumentParser(prog="phalanx bench scaling", description="img/s for world sizes 1..N and the "
-                                "scaling efficiency; on CPU also compares process x thread layouts.")
     accel = runtime.accelerator()
     on_devices = accel.device_count() > 0  # ranks bound to devices (GPUs): one thread each
-    default_n = accel.device_count() or usable_cores()
-    p.add_argument("--max-world", type=int, default=default_n, help="largest world size (default: GPUs or cores)")
-    p.add_argument("--steps", type=int, default=90, help="optimizer steps per measurement (logged every 29)")
-    p.add_argument("--global_batch", type=int, default=512, help="global batch (fixed across world sizes)")
-    p.add_argument("--json", type=Path, help="also write the JSON here")
-    p.add_argument("extra", nargs="*", help="extra `phalanx train` options, after --")
-    a = p.parse_args(argv)
+    max_world = max_world or accel.device_count() or usable_cores()
+    extra = list(extra)
     cores = usable_cores()
     rows = []
-    for n in range(1, a.max_world + 1):
+    for n in range(1, max_world + 1):
         threads = 1 if on_devices else max(1, cores // n)
-        rows.append(train_rate(n, threads, a.steps, a.global_batch, a.extra))
+        rows.append(train_rate(n, threads, steps, global_batch, extra))
     base = rows[0]["img_s"]
     for r in rows:
         r["speedup"] = round(r["img_s"] / base, 3)
         r["efficiency"] = round(r["img_s"] / (base * r["nproc"]), 3)
     layouts = []
     if not on_devices and cores > 1:  # same cores, split differently: processes x threads
-        layouts = [train_rate(1, cores, a.steps, a.global_batch, a.extra),
-                   train_rate(cores, 1, a.steps, a.global_batch, a.extra)]
-    out = {"device": accel.kind, "cores": cores, "global_batch": a.global_batch, "steps": a.steps,
+        layouts = [train_rate(1, cores, steps, global_batch, extra),
+                   train_rate(cores, 1, steps, global_batch, extra)]
+    out = {"device": accel.kind, "cores": cores, "global_batch": global_batch, "steps": steps,
            "torch": torch.__version__, "scaling": rows, "layouts": layouts,
            "date": time.strftime("%Y-%m-%d")}
     print(f"{'world':>5} {'threads':>7} {'img/s':>9} {'speedup':>8} {'efficiency':>10}")
@@ -76,8 +65,8 @@ def scaling(argv: list[str]) -> int:
         print(f"{r['nproc']:>5} {r['threads']:>7} {r['img_s']:>9,.0f} {r['speedup']:>8.2f} {r['efficiency']:>10.2f}")
     for r in layouts:
         print(f"layout {r['nproc']} process(es) x {r['threads']} thread(s): {r['img_s']:,.0f} img/s")
-    if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
     return 0
 
@@ -111,34 +100,27 @@ def flops_per_image(model: torch.nn.Module, shape: tuple[int, int, int], batch: 
     return {"forward": fwd, "train": fc.get_total_flops() / batch}
 
 
-def flops(argv: list[str]) -> int:
+def flops(model: str = "phalanx_cnn", width: int = 64, size: int = 28, channels: int = 1, batch: int = 256,
+          precision: str = "auto", steps: int = 20) -> dict:
+    """FLOPs per image, the achieved FLOP/s of training steps (`batch` images per step, this process) and their
+    fraction of a matmul peak measured in the same run; printed, and returned."""
     from phalanx import runtime
     from phalanx.models import build_model
     from phalanx.train.precision import Precision
-    p = argparse.ArgumentParser(prog="phalanx bench flops", description="FLOPs per image, achieved FLOP/s in "
-                                "training steps and their fraction of a matmul peak measured in the same run.")
-    p.add_argument("--model", default="phalanx_cnn")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--batch", type=int, default=256, help="per-process batch")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--steps", type=int, default=20)
-    a = p.parse_args(argv)
     accel = runtime.accelerator()
     dev = accel.bind(0)
-    model = build_model(a.model, 10, a.channels, a.size, a.width)
-    counts = flops_per_image(model, (a.channels, a.size, a.size))
-    model = model.to(dev).to(memory_format=torch.channels_last)
-    prec = Precision.from_config(a.precision, accel)
+    net = build_model(model, 10, channels, size, width)
+    counts = flops_per_image(net, (channels, size, size))
+    net = net.to(dev).to(memory_format=torch.channels_last)
+    prec = Precision.from_config(precision, accel)
     amp = prec.dtype
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(a.batch, a.channels, a.size, a.size, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (a.batch,), device=dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, channels, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
 
     def step():
         with prec.autocast():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -147,28 +129,28 @@ def flops(argv: list[str]) -> int:
         step()
     accel.synchronize(dev)
     t0 = time.perf_counter()
-    for _ in range(a.steps):
+    for _ in range(steps):
         step()
     accel.synchronize(dev)
-    img_s = a.steps * a.batch / (time.perf_counter() - t0)
+    img_s = steps * batch / (time.perf_counter() - t0)
     achieved = img_s * counts["train"]
     peak = matmul_peak(dev, amp or torch.float32)
-    out = {"model": a.model, "device": str(dev), "threads": torch.get_num_threads(), "precision": prec.name,
+    out = {"model": model, "device": str(dev), "threads": torch.get_num_threads(), "precision": prec.name,
            "flops_per_image_forward": counts["forward"], "flops_per_image_train": counts["train"],
            "img_s": round(img_s, 1), "achieved_flop_s": achieved, "matmul_peak_flop_s": peak,
            "fraction_of_peak": round(achieved / peak, 4)}
-    print(f"{a.model}: {counts['forward'] / 1e6:.1f} MFLOP/image forward, {counts['train'] / 1e6:.1f} train; "
+    print(f"{model}: {counts['forward'] / 1e6:.1f} MFLOP/image forward, {counts['train'] / 1e6:.1f} train; "
           f"{img_s:,.0f} img/s = {achieved / 1e9:.1f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"({prec.name}) -> {100 * achieved / peak:.1f}% of peak")
     print(json.dumps(out))
-    return 0
+    return out
 
 
 def step_split(nproc: int, model: str = "phalanx_cnn", width: int = 32, global_batch: int = 512,
                shape: tuple[int, int, int] = (28, 28, 1), precision: str = "fp32") -> dict:
     """Seconds per step of compute (forward + backward), gradient all-reduce and optimizer, for `nproc` ranks
-    of one thread each, measured in this process (phalanx.tune: threads for ranks, a real gloo group)."""
-    from phalanx.tune import Choice, Question, measure_choice
+    of one thread each, measured in this process (phalanx.tools.tune: threads for ranks, a real gloo group)."""
+    from phalanx.tools.tune import Choice, Question, measure_choice
     q = Question("cpu", nproc, ((nproc, 1),), (precision,), (True,), (model, width, "batch", "relu"), shape, 10,
                  global_batch)
     phases: dict = {}
@@ -181,16 +163,11 @@ def step_split(nproc: int, model: str = "phalanx_cnn", width: int = 32, global_b
             "comm_fraction": round(comm / (phases["compute_s"] + comm + phases["optim_s"]), 4)}
 
 
-def step(argv: list[str]) -> int:
+def step(nproc: int | None = None, model: str = "phalanx_cnn", width: int = 32, global_batch: int = 512) -> int:
+    """The split of a training step into compute, gradient all-reduce and optimizer, for 1..nproc (default: the
+    cores) single-thread ranks, on the CPU."""
     from phalanx.runtime.cpu import usable_cores
-    p = argparse.ArgumentParser(prog="phalanx bench step", description="The split of a training step into compute, "
-                                "gradient all-reduce and optimizer, for 1..N single-thread ranks (on CPU).")
-    p.add_argument("--nproc", type=int, default=usable_cores(), help="largest number of ranks")
-    p.add_argument("--model", default="phalanx_cnn")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--global_batch", type=int, default=512)
-    a = p.parse_args(argv)
-    rows = [step_split(n, a.model, a.width, a.global_batch) for n in range(1, a.nproc + 1)]
+    rows = [step_split(n, model, width, global_batch) for n in range(1, (nproc or usable_cores()) + 1)]
     print(_step_table(rows))
     print(json.dumps({"step_split": rows, "torch": torch.__version__}))
     return 0
@@ -230,40 +207,31 @@ def loader_rate(data: str = "fashion_mnist", global_batch: int = 512, steps: int
             "img_s": round(n / (time.perf_counter() - t0), 1)}
 
 
-def loader(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="phalanx bench loader", description="img/s of the input pipeline alone.")
-    p.add_argument("--data", default="fashion_mnist")
-    p.add_argument("--global_batch", type=int, default=512)
-    p.add_argument("--steps", type=int, default=40)
-    a = p.parse_args(argv)
-    out = loader_rate(a.data, a.global_batch, a.steps)
-    print(f"loader: {out['img_s']:,.0f} img/s ({a.data}, batch {a.global_batch}, {out['threads']} thread(s))")
+def loader(data: str = "fashion_mnist", global_batch: int = 512, steps: int = 40) -> int:
+    """img/s of the input pipeline alone."""
+    out = loader_rate(data, global_batch, steps)
+    print(f"loader: {out['img_s']:,.0f} img/s ({data}, batch {global_batch}, {out['threads']} thread(s))")
     print(json.dumps(out))
     return 0
 
 
-def everything(argv: list[str]) -> int:
-    """Scaling, step split, loader and FLOPs in one run: one JSON, one table, one PNG."""
+def everything(out_dir: Path = Path("bench"), steps: int = 60) -> int:
+    """Scaling, step split, loader and FLOPs in one run: one JSON, one table, one PNG (in `out_dir`)."""
     import contextlib
     import io
 
     from phalanx.runtime.cpu import usable_cores
-    p = argparse.ArgumentParser(prog="phalanx bench all", description="every benchmark: JSON, table and bench.png")
-    p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and bench.png")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per scaling measurement")
-    a = p.parse_args(argv)
+    out_dir = Path(out_dir)
     cores = usable_cores()
-    scaling_rows = [train_rate(n, max(1, cores // n), a.steps, 512, []) for n in range(1, cores + 1)]
+    scaling_rows = [train_rate(n, max(1, cores // n), steps, 512, []) for n in range(1, cores + 1)]
     split_rows = [step_split(n) for n in range(1, cores + 1)]
     load = loader_rate()
-    flops_out = io.StringIO()
-    with contextlib.redirect_stdout(flops_out):
-        flops(["--width", "32", "--batch", "256"])
-    fl = json.loads(flops_out.getvalue().strip().splitlines()[-1])
+    with contextlib.redirect_stdout(io.StringIO()):  # its own lines: the summary below says it
+        fl = flops(width=32, batch=256)
     out = {"cores": cores, "torch": torch.__version__, "scaling": scaling_rows, "step_split": split_rows,
            "loader": load, "flops": fl, "date": time.strftime("%Y-%m-%d")}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench.json").write_text(json.dumps(out, indent=1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(out, indent=1))
     print(f"{'world':>5} {'threads':>7} {'train img/s':>11}")
     for r in scaling_rows:
         print(f"{r['nproc']:>5} {r['threads']:>7} {r['img_s']:>11,.0f}")
@@ -271,8 +239,8 @@ def everything(argv: list[str]) -> int:
     print(f"loader alone: {load['img_s']:,.0f} img/s; {fl['flops_per_image_train'] / 1e6:.1f} MFLOP per training "
           f"image, {100 * fl['fraction_of_peak']:.1f}% of the measured matmul peak")
     try:
-        plot(out, a.out / "bench.png")
-        print(f"plot: {a.out / 'bench.png'}")
+        plot(out, out_dir / "bench.png")
+        print(f"plot: {out_dir / 'bench.png'}")
     except ImportError:
         print("plot: matplotlib is not installed (pip install matplotlib)")
     print(json.dumps(out))
@@ -310,15 +278,3 @@ def plot(out: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def cli(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    sub = {"scaling": scaling, "flops": flops, "step": step, "loader": loader, "all": everything}.get(argv[0])
-    if sub is None:
-        print(f"phalanx: error: unknown benchmark {argv[0]!r}; choose scaling, flops, step, loader or all",
-              file=sys.stderr)
-        return 2
-    return sub(argv[1:])

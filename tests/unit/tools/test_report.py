@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from phalanx import faults
-from phalanx.cli import main
-from phalanx.observe.report import PNG_DIR, make_report
+from phalanx.commands import main
+from phalanx.tools.report import PNG_DIR, make_report
+from phalanx.train import faults
 
 from .chromium import find_chromium, load_pages
 
@@ -180,7 +180,7 @@ def test_report_pages_load_in_headless_chromium_without_console_errors(finished,
 
 
 def test_metrics_of_a_resumed_run_keep_the_last_record_of_each_step_and_skip_a_torn_line(tmp_path):
-    from phalanx.observe.report import read_metrics
+    from phalanx.tools.report import read_metrics
 
     rows = [{"event": "train", "step": 2, "loss": 2.0, "time": 1.0, "unix_time": 101.0},
             {"event": "train", "step": 4, "loss": 1.5, "time": 2.0, "unix_time": 102.0},   # lost with the process
@@ -205,6 +205,6 @@ def test_a_profiled_run_shows_each_ranks_step_split(tiny_run, tmp_path):
     page = make_report([run], run, evaluate=False)
     assert_not_blank(run / PNG_DIR / "profile.png")
     assert "Where a step's time goes" in text_of(page)
-    from phalanx.observe.report import read_run
+    from phalanx.tools.report import read_run
     assert sorted(read_run(run, "r", "C0").profile) == [0, 1]
     assert "Where a step's time goes" not in text_of(make_report([tiny_run], tmp_path / "plain", evaluate=False))

@@ -294,7 +294,7 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
     from phalanx.data.augment import Normalize
     from phalanx.data.loader import SplitOnDevice, to_nchw
     from phalanx.errors import CheckpointError
-    from phalanx.export import run_store
+    from phalanx.tools.export import run_store
     from phalanx.train.evaluate import eval_crop_of_meta, load_weights
 
     if not (rec.path / "model.safetensors").is_file():
@@ -651,46 +651,3 @@ def _throughput_note(runs: list[RunRecord]) -> str:
                 "rank steps in lockstep with the others, so a rank whose markers sit lower is the slow one).")
     return base + (" Per-rank throughput: not in the logs yet (each rank logs it when an epoch is evaluated), so "
                    "only the overall img/s is shown.")
-
-
-REPORT_HELP = """usage: phalanx report RUN_DIR [RUN_DIR ...] [--out DIR] [--no-eval]
-
-Plots (PNG) and one static HTML page of a run: training loss and test accuracy against step and
-wall time, test loss, learning rate, img/s (per rank where the logs hold it), the confusion matrix
-and per-class accuracy of the final weights on the test split, with the resolved config, summary,
-world size, precision, strategy and timings. Several runs: their curves overlaid, their configs'
-differences and results side by side. A run still training, or stopped by preemption, shows what
-it has so far and says so.
-  --out DIR      where report.html and report/*.png go (default: RUN_DIR for one run,
-                 ./report-<date>-<time> for several)
-  --no-eval      skip the evaluation of the final weights (no confusion matrix)"""
-
-
-def cli(argv: list[str]) -> int:
-    """`phalanx report`."""
-    paths, out, evaluate, i = [], None, True, 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-h", "--help"):
-            print(REPORT_HELP)
-            return 0
-        if a == "--out" or a.startswith("--out="):
-            if "=" in a:
-                out = a.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                out, i = argv[i + 1], i + 1
-            if not out:
-                raise ConfigError("--out needs a folder, e.g. --out reports/compare")
-        elif a == "--no-eval":
-            evaluate = False
-        elif a.startswith("--"):
-            raise ConfigError(f"unknown option {a} for `phalanx report` (phalanx report --help)")
-        else:
-            paths.append(Path(a))
-        i += 1
-    if not paths:
-        print(REPORT_HELP)
-        return 2
-    page = make_report(paths, Path(out) if out else None, evaluate)
-    print(f"report: {page} (plots in {page.parent / PNG_DIR})", flush=True)
-    return 0

@@ -15,13 +15,11 @@ report as one JSON object on stdout. Runs in a few seconds (most of it the backe
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -35,23 +33,6 @@ MIN_SHM_MIB = 256
 """Less free /dev/shm than this is a problem: DataLoader workers (streamed data) pass batches through it."""
 PROBE_TIMEOUT_S = 30.0
 ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
-
-
-def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="phalanx doctor", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--backend", choices=BACKENDS, help="check only this process-group backend, and require it")
-    p.add_argument("--cache_dir", default="", help="the data cache to check (default: as `phalanx train` resolves it)")
-    p.add_argument("--out_dir", default="", help="the output folder to check (default: the config's out_dir)")
-    args = p.parse_args(argv)
-    report = run_checks(args.backend, args.cache_dir, args.out_dir)
-    if args.json:
-        print(json.dumps(report, indent=1), flush=True)
-    else:
-        print(render(report), flush=True)
-    for line in report["problems"]:
-        print(f"phalanx doctor: problem: {line}", file=sys.stderr, flush=True)
-    return 1 if report["problems"] else 0
 
 
 def run_checks(backend: str | None = None, cache_dir: str = "", out_dir: str = "") -> dict:

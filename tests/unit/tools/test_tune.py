@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from phalanx import tune
 from phalanx.config import Config
-from phalanx.tune import Choice, Question
+from phalanx.tools import tune
+from phalanx.tools.tune import Choice, Question
 
 
 def _q(**kw):

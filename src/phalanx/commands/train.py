@@ -1,0 +1,147 @@
+"""`phalanx train` and `phalanx tune`, in the launching process: this runs once per command (per node).
+
+    build and check the config -> check the run directory and the data -> prepare the store (once, here)
+    -> tune what `auto` leaves open (measured, or cached) -> one rank in this process, or N ranks through
+    PyTorch's elastic agent (runtime/launch.py), each running commands/rank.py
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from phalanx import config as C
+from phalanx.commands import rank
+from phalanx.commands.args import Command, Parsed, Spec
+from phalanx.data.mix import mix_layout_error, world_fits
+from phalanx.data.sources import cache_dir, open_on_node
+from phalanx.errors import ConfigError
+from phalanx.runtime import dist as penv
+from phalanx.runtime.launch import check_layout, launch, resolve_nproc
+from phalanx.tools import tune
+from phalanx.tools.checks import checked_config
+from phalanx.train.budget import TUNED_RATE_ENV, command_start
+from phalanx.train.checkpoint import find_latest
+from phalanx.train.setup import check_data
+
+TRAIN_ABOUT = """Train a classifier. Values come from the defaults, then the recipe (default: fashion_mnist),
+then the command line. A leaf name alone works when unambiguous (--lr means --optim.lr).
+Shortcuts: --data X (= --data.path X), --nproc N, --resume RUN_DIR, --nnodes, --node-rank,
+--rdzv-endpoint HOST:PORT, --max-restarts K.
+
+Launch modes (the same flags work under `torchrun ... -m phalanx train`):
+  phalanx train                                one process
+  phalanx train --nproc 4                      4 ranks on this node (elastic launcher, gloo or NCCL)
+  phalanx train --nproc auto                   one rank per GPU, or the best CPU layout
+  phalanx train --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint HOST0:29400   on each node
+
+options:
+  --recipe NAME|FILE  TOML recipe ({recipes})
+  -h, --help          show this help
+{fields}"""
+
+
+class ConfigSpec(Spec):
+    """A command whose options are the training config's fields: its help lists them."""
+
+    def help(self) -> str:
+        recipes = ", ".join(sorted(p.stem for p in C.RECIPES_DIR.glob("*.toml")))
+        return f"usage: {self.usage}\n\n" + self.about.format(recipes=recipes, fields=C.help_text())
+
+
+def train(p: Parsed) -> int:
+    """Check, prepare, tune and launch one training; its exit code."""
+    command_start(new=True)  # --budget counts from here; the ranks this process starts inherit it
+    os.environ.pop(TUNED_RATE_ENV, None)  # set again below only by this command's own tuning
+    cfg = rank.train_config(p)  # ConfigError / DataError: one line before anything is written
+    refuse_impossible_layout(cfg)
+    argv = list(p.argv)
+    if not cfg.data.stream:
+        # Prepared here, once, before any rank starts (ranks then map it): data a run cannot use (one
+        # class, no test split, fewer images than the global batch) is one line, not one per rank.
+        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
+                             cfg.data.channels)
+        check_data(cfg, store)
+        if cfg.tune:  # what `auto` leaves open, measured here (or cached) and handed to every rank
+            argv += tune.tune_run(cfg, p.explicit_keys(), model_input_shape(cfg, store.shape), len(store.classes),
+                                  cache_dir(cfg.data.cache_dir) / "tune.json")
+    return run_ranks("train", cfg, argv)
+
+
+def refuse_impossible_layout(cfg: C.Config) -> None:
+    """An explicit --nproc this node cannot run (more ranks than GPUs under NCCL, `fork` with CUDA): one line
+    before any data is prepared or any layout timed, not minutes later. launch() checks again, `auto` included."""
+    if cfg.parallel.nproc == "auto" or (int(cfg.parallel.nproc) == 1 and cfg.parallel.nnodes == 1):
+        return
+    check_layout(cfg.parallel, int(cfg.parallel.nproc), cfg.device)
+
+
+def model_input_shape(cfg: C.Config, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(h, w, c) of what the model sees: the augment.crop_size crop of the stored images when set."""
+    side = cfg.augment.crop_size
+    return (side, side, shape[2]) if side else tuple(shape)
+
+
+def run_ranks(sub: str, cfg: C.Config, argv: list[str], target: Path | None = None) -> int:
+    """`sub` ("train" or "eval") on this node's ranks: in this process for one rank, else through the elastic
+    launcher, each rank running commands/rank.py with `argv` (the command's own arguments)."""
+    fits = world_fits(cfg) if sub == "train" else None
+    nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum, fits)
+    # Here, once, rather than from every rank (each would print it inside the elastic agent's report).
+    if fits is not None and (why_not := mix_layout_error(cfg.global_batch, cfg.grad_accum,
+                                                         nproc * cfg.parallel.nnodes)):
+        raise ConfigError(why_not)
+    if nproc == 1 and cfg.parallel.nnodes == 1:
+        return rank.run(sub, cfg, target)
+    threads = penv.threads_per_rank(cfg.parallel, nproc)
+    print(f"phalanx: launching {nproc} rank(s) x {threads} thread(s) per node on {cfg.parallel.nnodes} node(s) "
+          f"({why})", flush=True)
+    rank_argv = [sub] + list(argv)  # eval's argv holds its TARGET
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    if sub == "train" and not cfg.run_dir:
+        # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
+        run_dir = Path(cfg.ckpt.resume or cfg.default_run_dir())
+        rank_argv.append(f"--run_dir={run_dir}")
+    return launch(cfg.parallel, nproc, threads, rank.main, rank_argv, run_dir, cfg.device,
+                  on_stop=lambda sig: stopped(sig, run_dir))
+
+
+def stopped(sig: signal.Signals, run_dir: Path | None) -> int:
+    """The agent passed a stop signal on and every rank finished its step: say whether a checkpoint was
+    written; exit 0 when one was (a scheduler then reruns the same command to resume)."""
+    saved = run_dir is not None and find_latest(run_dir) is not None
+    where = run_dir or "RUN_DIR"
+    print(f"phalanx: stopped by {sig.name}; "
+          + (f"checkpoint written, resume with `phalanx train --resume {where}`" if saved else
+             f"no checkpoint was written in {where}"), file=sys.stderr, flush=True)
+    return 0 if saved else 128 + int(sig)
+
+
+def tune_command(p: Parsed) -> int:
+    """Measure the candidates of the `auto` fields for the training these options describe, afresh, and
+    print them as a table; the decision is cached for the next `phalanx train` with the same options."""
+    cfg = checked_config(p.recipe, p.pairs)
+    store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
+                         cfg.data.channels)
+    q = tune.question_for(cfg, p.explicit_keys(), model_input_shape(cfg, store.shape), len(store.classes))
+    if q is None or not q.open:
+        print("phalanx tune: nothing to measure: these options leave no choice to `auto` on this machine")
+        return 0
+    device = tune.device_of(q)
+    choice, record = tune.decide(q, cache_dir(cfg.data.cache_dir) / "tune.json",
+                                 lambda c: tune.measure_choice(c, q, device=device), refresh=True)
+    print(tune.table(record))
+    print(f"phalanx: {tune.summary_line(choice, record)}")
+    return 0
+
+
+COMMANDS = {
+    "train": Command(ConfigSpec("phalanx train [--recipe NAME|FILE] [--KEY=VALUE | --KEY VALUE]...", TRAIN_ABOUT,
+                                config=True), train),
+    "tune": Command(Spec("phalanx tune [--recipe R] [--KEY=VALUE]...",
+                         "Measure what `phalanx train` with these options would choose where they say auto (--nproc: "
+                         "ranks x threads on CPU; --precision: bf16 vs fp32 where bf16 is native; channels-last unless "
+                         "--model.channels_last is given), print the table, and cache the decision for the next run.",
+                         config=True), tune_command),
+}
