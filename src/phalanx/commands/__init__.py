@@ -28,7 +28,7 @@ _LOADED_AT = time.time()  # before torch is imported: where a `--budget` starts 
 
 USAGE = __doc__.split("\n\n", 2)[1]
 
-COMMANDS = {"train": "train", "tune": "tune", "eval": "evaluate", "predict": "evaluate", "data": "data",
+COMMANDS = {"train": "train", "tune": "train", "eval": "evaluate", "predict": "evaluate", "data": "data",
             "models": "models", "bench": "bench", "export": "export", "doctor": "doctor", "report": "report"}
 """Command name -> the module of phalanx.commands that runs it (its `COMMANDS[name]`): imported when used, so
 that a command pays for its own imports only (the tools' matplotlib, onnx, torchvision's model zoo...)."""

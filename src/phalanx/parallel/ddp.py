@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 from phalanx.config import Config
 from phalanx.errors import CheckpointError, ConfigError
 from phalanx.parallel.collectives import average_across_ranks, norm_statistics
-from phalanx.parallel.strategy import averaged_model, local_bytes
+from phalanx.parallel.model_state import averaged_model, load_into, local_bytes
 from phalanx.runtime.dist import DistEnv
 
 
@@ -80,7 +80,6 @@ class DDPStrategy:
         return module.state_dict()
 
     def load_full(self, module: nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
-        from phalanx.train.checkpoint import load_into
         load_into(module, sd, source)
 
     def optim_state(self, optimizer: torch.optim.Optimizer) -> dict:

@@ -38,7 +38,7 @@ from torch.optim.swa_utils import AveragedModel
 from phalanx.config import Config
 from phalanx.errors import CheckpointError, ConfigError
 from phalanx.parallel.collectives import average_across_ranks, norm_statistics
-from phalanx.parallel.strategy import averaged_model, local_bytes, optim_state_by_name
+from phalanx.parallel.model_state import averaged_model, check_fits, local_bytes, optim_state_by_name
 from phalanx.runtime.dist import DistEnv
 
 log = logging.getLogger("phalanx")
@@ -214,7 +214,6 @@ class FSDPStrategy:
 
     def load_full(self, module: nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
         """Full tensors (a DDP checkpoint, any world size) into the model or its EMA: each rank keeps its shards."""
-        from phalanx.train.checkpoint import check_fits
         check_fits(module, sd, source)
         set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True, strict=True))
 

@@ -160,7 +160,7 @@ def load_safetensors_export(path: Path) -> ExportedClassifier:
     from safetensors.torch import load_file
 
     from phalanx.errors import CheckpointError
-    from phalanx.train.checkpoint import load_into
+    from phalanx.parallel.model_state import load_into
     from phalanx.train.evaluate import _build_from_meta, _check_model_meta
 
     try:

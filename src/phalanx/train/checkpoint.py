@@ -38,6 +38,8 @@ MARKER = "COMPLETE"
 CORRUPT = ".corrupt"   # suffix of a checkpoint folder set aside by `set_aside`
 # The files `load` reads: COMPLETE must list each one that exists (ema.safetensors only with an EMA).
 LOADED_FILES = ("model.safetensors", "optim.safetensors", "rng.safetensors", "state.json", "ema.safetensors")
+DCP_METADATA = ".metadata"
+"""The metadata file of a sharded (DCP) checkpoint (train/sharded_checkpoint.py writes it)."""
 
 
 # ----------------------------------------------------------------------------- nested state <-> (JSON, tensors)
@@ -416,8 +418,7 @@ def load(ckpt: Path) -> dict:
     check_state(state, spath)
     sharded = state.get("format") == "dcp"
     if sharded:
-        from phalanx.train.sharded_checkpoint import check_files
-        check_files(ckpt, listed)
+        _check_sharded_files(ckpt, listed)
     else:
         for f in LOADED_FILES:
             if f not in listed and (f != "ema.safetensors" or (ckpt / f).exists()):
@@ -437,24 +438,14 @@ def load(ckpt: Path) -> dict:
             "sharded": False}
 
 
-def check_fits(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
-    """One CheckpointError line when the weights `sd` belong to another model (names or shapes);
-    reads shapes only, so `module` may live on the meta device."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        detail = "; ".join(filter(None, [
-            f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
-            f"shape {shapes[0]}" if shapes else ""]))
-        raise CheckpointError(f"{source}: weights do not match the model ({detail}); "
-                              f"was it written by another model or width?")
-
-
-def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
-    """load_state_dict with one clear line when the weights belong to another model."""
-    check_fits(module, sd, source)
-    module.load_state_dict(sd)
+def _check_sharded_files(ckpt_dir: Path, listed: dict) -> None:
+    """The files a sharded load reads must be listed (and so checksummed) in COMPLETE."""
+    for f in (DCP_METADATA, "rng.safetensors", "state.json"):
+        if f not in listed:
+            raise CheckpointError(f"{ckpt_dir / f}: not listed in {ckpt_dir / MARKER}, so it cannot be "
+                                  f"checked; the checkpoint was not written by Phalanx or was modified after it was "
+                                  f"written")
+    on_disk = {p.name for p in ckpt_dir.iterdir() if p.name.endswith(".distcp")}
+    if not on_disk or not on_disk <= set(listed):
+        raise CheckpointError(f"{ckpt_dir}: shard files {sorted(on_disk - set(listed)) or '(none)'} are not listed "
+                              f"in {MARKER}; the checkpoint was modified after it was written")

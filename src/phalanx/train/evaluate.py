@@ -79,7 +79,8 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
     from safetensors.torch import load_file
 
     from phalanx.errors import CheckpointError
-    from phalanx.train.checkpoint import check_fits, load_into, read_json_object
+    from phalanx.parallel.model_state import check_fits, load_into
+    from phalanx.train.checkpoint import read_json_object
 
     target = Path(target)
     weights = target / "model.safetensors" if target.is_dir() else target

@@ -35,11 +35,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from phalanx.errors import CheckpointError, first_line
 from phalanx.parallel.collectives import broadcast_object
+from phalanx.parallel.model_state import check_fits
 from phalanx.train import checkpoint as ckpt
 from phalanx.train import faults
 
 FORMAT = "dcp"
-METADATA = ".metadata"
+METADATA = ckpt.DCP_METADATA
 
 
 # ----------------------------------------------------------------------------- write (collective)
@@ -86,19 +87,6 @@ def is_sharded(state: dict) -> bool:
     return state.get("format") == FORMAT
 
 
-def check_files(ckpt_dir: Path, listed: dict) -> None:
-    """The files a sharded load reads must be listed (and so checksummed) in COMPLETE."""
-    for f in (METADATA, "rng.safetensors", "state.json"):
-        if f not in listed:
-            raise CheckpointError(f"{ckpt_dir / f}: not listed in {ckpt_dir / ckpt.MARKER}, so it cannot be "
-                                  f"checked; the checkpoint was not written by Phalanx or was modified after it was "
-                                  f"written")
-    on_disk = {p.name for p in ckpt_dir.iterdir() if p.name.endswith(".distcp")}
-    if not on_disk or not on_disk <= set(listed):
-        raise CheckpointError(f"{ckpt_dir}: shard files {sorted(on_disk - set(listed)) or '(none)'} are not listed "
-                              f"in {ckpt.MARKER}; the checkpoint was modified after it was written")
-
-
 def load_into(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
     """Fill the model, optimizer and EMA (sharded or not, at any world size) from a sharded checkpoint.
     Collective when the ranks are in a process group: every rank reads the parts it holds."""
@@ -142,7 +130,7 @@ def _check_fits(module: nn.Module, meta, prefix: str, ckpt_dir: Path) -> None:
               if k.startswith(prefix + ".") and isinstance(v, TensorStorageMetadata)}
     if prefix == "ema" and not shapes:
         return  # written without an EMA: the EMA starts from the loaded weights' next update
-    ckpt.check_fits(module, shapes, ckpt_dir / METADATA)
+    check_fits(module, shapes, ckpt_dir / METADATA)
 
 
 class SafeReader(FileSystemReader):

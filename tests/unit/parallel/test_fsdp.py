@@ -6,7 +6,8 @@ import torch
 from phalanx.config import Config
 from phalanx.models import build_model
 from phalanx.parallel.fsdp import FSDPStrategy, shard_units
-from phalanx.parallel.strategy import averaged_model, build_strategy, local_bytes, optim_state_by_name
+from phalanx.parallel.model_state import averaged_model, local_bytes, optim_state_by_name
+from phalanx.parallel.strategy import build_strategy
 from phalanx.runtime.dist import DistEnv
 from phalanx.train.schedule import build_optimizer
 

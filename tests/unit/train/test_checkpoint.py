@@ -8,6 +8,7 @@ from safetensors.torch import save_file as safetensors_save_file
 
 from phalanx.errors import CheckpointError
 from phalanx.models import build_model
+from phalanx.parallel.model_state import load_into
 from phalanx.train import checkpoint as ckpt
 
 
@@ -84,7 +85,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_one_line(tmp_path):
     path, _, _ = _save(tmp_path)
     other = build_model("phalanx_cnn", 10, 1, 28, 16)
     with pytest.raises(CheckpointError, match=r"model.safetensors: weights do not match the model \(shape"):
-        ckpt.load_into(other, ckpt.load(path)["model"], path / "model.safetensors")
+        load_into(other, ckpt.load(path)["model"], path / "model.safetensors")
 
 
 def test_nothing_is_unpickled(tmp_path):
@@ -253,6 +254,7 @@ def test_a_real_write_error_from_safetensors_is_one_line(tmp_path):
     import sys
     code = f"""
 import resource, signal, torch
+from phalanx.parallel.model_state import load_into
 from phalanx.train import checkpoint as ckpt
 from phalanx.errors import CheckpointError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us

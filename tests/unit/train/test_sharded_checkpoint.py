@@ -10,7 +10,7 @@ import torch
 from phalanx.config import Config
 from phalanx.errors import CheckpointError
 from phalanx.models import build_model
-from phalanx.parallel.strategy import averaged_model
+from phalanx.parallel.model_state import averaged_model
 from phalanx.train import checkpoint as ckpt
 from phalanx.train import sharded_checkpoint as sc
 from phalanx.train.schedule import build_optimizer

@@ -5,7 +5,7 @@ from phalanx.config import Config
 from phalanx.data.loader import Batch
 from phalanx.models import build_model
 from phalanx.parallel.ddp import DDPStrategy
-from phalanx.parallel.strategy import averaged_model
+from phalanx.parallel.model_state import averaged_model
 from phalanx.runtime import CPUAccelerator
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
