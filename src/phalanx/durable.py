@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from phalanx.errors import first_line
+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -64,7 +66,6 @@ def is_numbers(value: Any, n: int) -> bool:
 
 def read_json(path: Path, error: type[Exception], what: str) -> Any:
     """The JSON value in `path`; `error` naming the file and what it is when it cannot be read or parsed."""
-    from phalanx.errors import first_line
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8

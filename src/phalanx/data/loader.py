@@ -20,8 +20,10 @@ import torch
 from phalanx import runtime
 from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize, augment_extra, augment_uint8, draw_extra, draw_params, draws_to, uses_extra
+from phalanx.data.mix import mix_layout_error
 from phalanx.data.sampler import GlobalSampler, micro_batch_bounds
 from phalanx.data.store import Split
+from phalanx.errors import ConfigError
 from phalanx.observe.profile import region
 
 
@@ -184,8 +186,6 @@ def augmented(parts: Iterable[tuple[int, int, torch.Tensor, torch.Tensor, torch.
 def check_mix_layout(augment: AugmentConfig, sampler: GlobalSampler) -> None:
     """ConfigError when mixup/CutMix are on and a rank's part of a micro-batch would split a pair."""
     if augment.mixup > 0 or augment.cutmix > 0:
-        from phalanx.data.mix import mix_layout_error
-        from phalanx.errors import ConfigError
         why = mix_layout_error(sampler.global_batch, sampler.accum, sampler.world)
         if why:
             raise ConfigError(why)

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from phalanx.data.geometry import box_mask
+from phalanx.data.sampler import shard_bounds
 
 
 def mix_layout_error(global_batch: int, accum: int, world: int) -> str | None:
     """Why pairs (2i, 2i+1) of the global batch would straddle ranks or micro-batches, or None."""
-    from phalanx.data.sampler import shard_bounds
     micro = global_batch // accum
     bounds = [shard_bounds(micro, world, r) for r in range(world)]
     if micro % 2 == 0 and all(lo % 2 == 0 for lo, _ in bounds):

@@ -16,6 +16,7 @@ from phalanx.data.idx import find_idx_files
 from phalanx.data.prepare import detect_kind, file_stamp, fingerprint, prepare
 from phalanx.data.store import Store, is_store, open_store
 from phalanx.errors import DataError
+from phalanx.parallel.collectives import barrier
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -133,7 +134,6 @@ def ensure_store(store: Path, raw: Path | None, size: int = 0, channels: int = 0
 def open_on_node(data_path: str, cache_configured: str, auto_install: bool, local_rank: int, size: int = 0,
                  channels: int = 0) -> Store:
     """Local rank 0 prepares the store once per node while the others wait; every rank maps it."""
-    from phalanx.parallel.collectives import barrier
     store, raw = store_path_for(data_path, cache_configured, auto_install, size, channels)
     if local_rank == 0:
         ensure_store(store, raw, size, channels)

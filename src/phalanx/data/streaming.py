@@ -41,6 +41,7 @@ from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import channel_stats
 from phalanx.errors import DataError
+from phalanx.parallel.collectives import broadcast_object
 from phalanx.runtime.cpu import usable_cores
 
 # Images decoded to compute the normalisation's mean/std of a streamed folder (all when fewer).
@@ -203,7 +204,7 @@ def decode_jpeg_batch_cuda(encoded: Sequence[torch.Tensor], size: int, channels:
     """
     from torchvision.io import ImageReadMode, decode_jpeg
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if not runtime.of(device).decodes_jpeg or not runtime.of(device).is_available():
         raise RuntimeError("decode_jpeg_batch_cuda needs a CUDA device; use ImageFolderStream on the CPU")
     out = torch.empty((len(encoded), channels, size, size), dtype=torch.uint8, device=device)
     # A JPEG declaring more than max_pixels() goes to the CPU decoder, which refuses it before decoding.
@@ -316,7 +317,6 @@ def open_folder_stream(data_path: str, size: int, channels: int, workers: int, i
 
     channels 0 means 3: choosing from the images, as prepare does, would read every file's header.
     """
-    from phalanx.parallel.collectives import broadcast_object
     root = stream_root(data_path)
     listing = list_imagefolder(root)
     if listing.zero_byte:

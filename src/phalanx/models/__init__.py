@@ -15,10 +15,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from phalanx.errors import ConfigError, first_line
+from phalanx.models import timm_models as T
 from phalanx.models.cnn import MnistNet, PhalanxCNN, PhalanxResNet
 from phalanx.models.timm_models import PREFIX as TIMM_PREFIX
-from phalanx.models.timm_models import is_timm_name, timm_model
-from phalanx.models.tv import CURATED, torchvision_model, torchvision_names
+from phalanx.models.timm_models import is_timm_name, name_refusal, timm_model
+from phalanx.models.tv import CURATED, small_input_refusal, torchvision_model, torchvision_names, zero_init_refusal
 
 Builder = Callable[[int, int, int, int, str, str], nn.Module]
 
@@ -55,7 +57,6 @@ def model_refusal(name: str) -> str | None:
     if name in HOUSE or name in torchvision_names():
         return None
     if is_timm_name(name):
-        from phalanx.models.timm_models import name_refusal
         return name_refusal(name)
     known = (*HOUSE, *torchvision_names())
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
@@ -67,7 +68,6 @@ def model_refusal(name: str) -> str | None:
 def option_refusal(name: str, small_input: bool, zero_init_residual: bool) -> tuple[str, str] | None:
     """(field, why) when `name` cannot take the small-input stem or zero_init_residual; None when it can.
     House models are built for small images already, and take neither option."""
-    from phalanx.errors import ConfigError
     if name in HOUSE:
         if small_input:
             return "model.small_input", f"{name} is built for small images already (no ImageNet stem to replace)"
@@ -82,7 +82,6 @@ def option_refusal(name: str, small_input: bool, zero_init_residual: bool) -> tu
             key, _, why = str(e).partition(": ")
             return key.split("=")[0], why
         return None
-    from phalanx.models.tv import small_input_refusal, zero_init_refusal
     why = small_input_refusal(name) if small_input else None
     if why:
         return "model.small_input", why
@@ -95,7 +94,6 @@ def _probe(build: Callable[[], nn.Module], name: str, in_channels: int, image_si
     (no memory, no arithmetic): a network whose downsampling leaves nothing of such an image fails here, in
     one line, not mid-step. A builder that computes on tensors (torchvision's RegNets) cannot be built on
     meta: that model itself is probed, in eval mode and without gradients."""
-    from phalanx.errors import ConfigError, first_line
     try:
         with torch.device("meta"):
             probe, net = build(), None
@@ -156,7 +154,6 @@ def listing(pattern: str = "") -> list[str]:
     and a summary of timm's; or, with a wildcard pattern, every torchvision and timm name that matches it."""
     import fnmatch
 
-    from phalanx.models import timm_models as T
     has_timm = T.installed()
     if pattern:
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"

@@ -12,6 +12,9 @@ from functools import lru_cache
 
 import torch.nn as nn
 
+from phalanx.errors import ConfigError
+from phalanx.models.tv import _small_resnet
+
 PREFIX = "timm:"
 
 
@@ -49,8 +52,6 @@ def _small_stem(net: nn.Module, name: str) -> None:
     """timm's ResNets with the plain 7x7 stem: a 3x3 stride-1 conv and no max-pool, as for torchvision's."""
     from timm.models.resnet import ResNet
 
-    from phalanx.errors import ConfigError
-    from phalanx.models.tv import _small_resnet
     if not (isinstance(net, ResNet) and isinstance(net.conv1, nn.Conv2d) and isinstance(net.maxpool, nn.MaxPool2d)):
         raise ConfigError(f"model.small_input=True: {name} has no small-image stem here; small_input adapts timm's "
                           f"ResNets with the plain 7x7 stem (timm:resnet18, timm:resnet50, ...)")
@@ -64,7 +65,6 @@ def timm_model(name: str, num_classes: int, in_channels: int, small_input: bool 
     (which is on for its ResNets). A model without that argument is one ConfigError line."""
     import timm
 
-    from phalanx.errors import ConfigError
     arch = name[len(PREFIX):]
     kwargs = {"zero_init_last": True} if zero_init_residual else {}
     try:

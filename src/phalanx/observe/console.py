@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from phalanx.parallel.collectives import all_reduce_sum
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -156,8 +159,45 @@ def _close_quietly(sink) -> None:
         sink.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def is_number(v) -> bool:
+    """A finite int or float, not a bool: a value a plot or a table can use."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict], int, float | None]:
+    """(train records, evaluations, lines skipped, t0): the last record of each step wins (a resumed run
+    logs again the steps after its checkpoint), sorted by step, with `wall`: seconds since t0, the unix
+    time the run's first process started writing (so restarts and the time between them count)."""
+    path = Path(path)
+    if not path.is_file():
+        return [], [], 0, None
+    records, skipped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line being written right now, or a torn one
+            skipped += line.strip() != ""
+            continue
+        if not isinstance(r, dict):
+            skipped += 1
+        elif isinstance(r.get("step"), int) and r.get("event") in ("train", "eval"):
+            records.append(r)  # other events (written by other tools) are not plotted
+    first = next((r for r in records if is_number(r.get("unix_time")) and is_number(r.get("time"))), None)
+    t0 = first["unix_time"] - first["time"] if first else None
+    by_step: dict[tuple[str, int], dict] = {}
+    for r in records:
+        r = dict(r)
+        if t0 is not None and is_number(r.get("unix_time")):
+            r["wall"] = r["unix_time"] - t0
+        elif is_number(r.get("time")):
+            r["wall"] = r["time"]
+        by_step[(r["event"], r["step"])] = r
+    train = sorted((r for (e, _), r in by_step.items() if e == "train"), key=lambda r: r["step"])
+    evals = sorted((r for (e, _), r in by_step.items() if e == "eval"), key=lambda r: r["step"])
+    return train, evals, skipped, t0
 
 
 class TrainMeter:
@@ -180,7 +220,6 @@ class TrainMeter:
 
     def reduce(self) -> tuple[float, float]:
         """(mean training loss over all ranks, img/s) since the last call, which starts a new window."""
-        from phalanx.parallel.collectives import all_reduce_sum
         all_reduce_sum(self.sums)
         loss, rate = float(self.sums[0] / self.sums[1].clamp(min=1)), self.rate()
         self.sums.zero_()

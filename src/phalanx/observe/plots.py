@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from phalanx.observe.console import read_metrics
+from phalanx.observe.console import is_number, read_metrics
+from phalanx.observe.profile import PHASES
 
 
 def plot_run(run_dir: Path) -> Path | None:
@@ -22,9 +23,10 @@ def plot_run(run_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in rows if r.get("event") == "train"]
-    evals = [r for r in rows if r.get("event") == "eval"]
+    # one record per step (a resumed run's re-logged steps once), half-written lines skipped
+    train, evals, _, _ = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in train if is_number(r.get("loss"))]
+    evals = [r for r in evals if is_number(r.get("epoch")) and is_number(r.get("acc"))]
     if not train and not evals:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -167,7 +169,6 @@ def plot_throughput(runs: Sequence, out: Path) -> Path:
 def plot_profile(runs: Sequence, out: Path) -> Path:
     """One horizontal bar per profiled rank (of each run): milliseconds per step, split into the phases of
     `--log.profile`, in the loop's order."""
-    from phalanx.observe.profile import PHASES
     plt = pyplot()
     bars = [(f"{r.label}: rank {k}" if len(runs) > 1 else f"rank {k}", split)
             for r in runs for k, split in sorted(r.profile.items())]

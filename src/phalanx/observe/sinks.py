@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from phalanx import config as C
+from phalanx.errors import ConfigError, first_line
+
 TENSORBOARD_DIR = "tensorboard"  # in the run directory: `tensorboard --logdir RUN_DIR` (or the runs' parent)
 
 # record key -> TensorBoard tag, per event
@@ -79,8 +82,6 @@ def tensorboard_installed() -> bool:
 def metric_sinks(cfg, run_dir: Path, model: nn.Module | None, log: logging.Logger | None = None) -> list:
     """The sinks rank 0 writes besides metrics.jsonl, as `cfg.log` asks: TensorBoard for `true`, and for
     `auto` when tensorboard is installed. `true` without it is refused by Config.validate before this."""
-    from phalanx import config as C
-    from phalanx.errors import ConfigError, first_line
 
     mode = cfg.log.tensorboard
     if mode == "false" or (mode == "auto" and not tensorboard_installed()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from phalanx.errors import ConfigError, first_line
 from phalanx.runtime.base import Accelerator
 from phalanx.runtime.cpu import CPUAccelerator
 from phalanx.runtime.cuda import CUDAAccelerator
@@ -23,11 +24,20 @@ def accelerator(pref: str = "auto") -> Accelerator:
     if pref == "auto":
         return next(cls() for cls in KINDS.values() if cls.is_available())
     if pref not in KINDS:
-        raise ValueError(f"device={pref!r}: choose one of auto, {', '.join(KINDS)}")
+        raise ConfigError(f"device={pref!r}: choose one of auto, {', '.join(KINDS)}")
     cls = KINDS[pref]
     if not cls.is_available():
-        raise cls.unavailable()
+        why = cls.unavailable()
+        if isinstance(why, ConfigError):
+            raise why
+        # A user's choice this machine cannot honour: one line and exit 2, with the way out.
+        raise ConfigError(f"{first_line(why)}; use --device auto (or cpu) here, or run where {pref} is present")
     return cls()
+
+
+def for_backend(backend: str) -> type[Accelerator]:
+    """The kind whose ranks a process-group backend connects (gloo: CPU ranks; nccl: one GPU each)."""
+    return {"gloo": CPUAccelerator, "nccl": CUDAAccelerator}[backend]
 
 
 def of(device: torch.device) -> Accelerator:
@@ -35,4 +45,4 @@ def of(device: torch.device) -> Accelerator:
     return KINDS[device.type]()
 
 
-__all__ = ["Accelerator", "CPUAccelerator", "CUDAAccelerator", "XLAAccelerator", "KINDS", "accelerator", "of"]
+__all__ = ["Accelerator", "CPUAccelerator", "CUDAAccelerator", "XLAAccelerator", "KINDS", "accelerator", "for_backend", "of"]

@@ -28,9 +28,35 @@ class Accelerator:
     """`torch.profiler.ProfilerActivity` member that records this device's kernels (`--log.profile`); empty
     where the host's activity covers the work (CPU)."""
 
+    tuned: bool = True
+    """Whether `phalanx tune` measures layouts, precision and memory format for this kind (XLA compiles and
+    lays out its own graphs)."""
+    compile_modes: bool = False
+    """Whether torch.compile's modes (`--model.compile_mode`, e.g. CUDA graphs) are timed and used here."""
+
     @classmethod
     def is_available(cls) -> bool:
         raise NotImplementedError
+
+    @classmethod
+    def bf16_supported(cls) -> bool | None:
+        """Whether bf16 is native here (None: this kind is absent)."""
+        return None
+
+    @classmethod
+    def inventory(cls, problems: list[str], notes: list[str]) -> list[dict] | None:
+        """This kind's devices on this node, for `phalanx doctor` (None where the kind is not installed); a line
+        in `problems` where it is installed but unusable, in `notes` for what a user may want to know."""
+        return None
+
+    def describe(self) -> str:
+        """The devices ranks are bound to, in a few words ('' where ranks share the host's cores): part of what
+        a tuner's measurement holds for."""
+        return ""
+
+    def tunes_precision(self) -> bool:
+        """Whether `--precision auto` is measured here (bf16 against fp32) rather than decided by a rule."""
+        return False
 
     @classmethod
     def unavailable(cls) -> Exception:

@@ -66,6 +66,14 @@ class CPUAccelerator(Accelerator):
     def is_available(cls) -> bool:
         return True
 
+    @classmethod
+    def bf16_supported(cls) -> bool | None:
+        return cpu_has_bf16()
+
+    def tunes_precision(self) -> bool:
+        # bf16 is not always faster on a CPU with native bf16 (small convolutions): measured, not assumed.
+        return cpu_has_bf16()
+
     def auto_nproc(self, global_batch: int) -> tuple[int, str]:
         cores = usable_cores()
         n = max(1, min(cores, global_batch // 32))

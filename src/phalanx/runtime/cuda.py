@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -26,9 +27,33 @@ class CUDAAccelerator(Accelerator):
     decodes_jpeg = True  # torchvision.io.decode_jpeg(list, device="cuda"): nvJPEG, a batch at a time
     profiler_activity = "CUDA"
 
+    compile_modes = True  # reduce-overhead (CUDA graphs) and max-autotune pay on a GPU
+
     @classmethod
     def is_available(cls) -> bool:
         return torch.cuda.is_available()
+
+    @classmethod
+    def bf16_supported(cls) -> bool | None:
+        return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+
+    @classmethod
+    def inventory(cls, problems: list[str], notes: list[str]) -> list[dict] | None:
+        if not torch.cuda.is_available():
+            if Path("/proc/driver/nvidia/version").exists():
+                problems.append(f"an NVIDIA driver is loaded but torch {torch.__version__} sees no GPU "
+                                f"(torch.version.cuda={torch.version.cuda}): install a CUDA build of torch that fits "
+                                f"the driver (https://pytorch.org/get-started/locally/)")
+            return []
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1),
+                         "capability": f"{prop.major}.{prop.minor}"})
+        return gpus
+
+    def describe(self) -> str:
+        return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
 
     def configure_training(self, deterministic: bool, tf32: bool) -> None:
         """cuDNN autotuning (unless --deterministic: the fastest algorithm may differ from run to run) and

@@ -82,11 +82,23 @@ class XLAAccelerator(Accelerator):
     # while the step runs (what torch_xla's MpDeviceLoader does).
     overlaps_copies = True
     host_reads_sync = True  # a read runs the traced graph so far
+    tuned = False  # one SPMD process per host: no layout of ranks to choose, and XLA lays out its own graphs
 
     @classmethod
     def is_available(cls) -> bool:
         """torch_xla is installed and a device is named (PJRT_DEVICE, e.g. CPU for tests) or a TPU is present."""
         return has_torch_xla() and (bool(named_device()) or tpu_chips() > 0)
+
+    @classmethod
+    def inventory(cls, problems: list[str], notes: list[str]) -> list[dict] | None:
+        if not has_torch_xla():
+            return None
+        try:
+            import torch_xla.core.xla_model as xm
+            return [{"device": str(d)} for d in xm.get_xla_supported_devices()]
+        except Exception as e:  # a TPU runtime that is absent or busy
+            notes.append(f"torch_xla is installed but lists no devices ({type(e).__name__}: {str(e)[:120]})")
+            return []
 
     @classmethod
     def unavailable(cls) -> Exception:

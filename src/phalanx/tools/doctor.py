@@ -26,6 +26,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import phalanx
+from phalanx import config as C
+from phalanx import runtime
+from phalanx.data.mix import world_fits
+from phalanx.data.sources import cache_dir, find_fashion_mnist, store_path_for
+from phalanx.data.store import is_store
+from phalanx.errors import DataError, first_line
+from phalanx.runtime.cpu import cpu_model, usable_cores
+from phalanx.runtime.dist import threads_per_rank
+from phalanx.runtime.launch import resolve_nproc
+from phalanx.tools.bench import matmul_peak
+
 BACKENDS = ("gloo", "nccl")
 MIN_FREE_GIB = 1.0
 """Less free disk than this in the cache or output folder is a problem: a store or a checkpoint will not fit."""
@@ -37,21 +49,19 @@ ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16"
 
 def run_checks(backend: str | None = None, cache_dir: str = "", out_dir: str = "") -> dict:
     """The whole report: {section: findings, ..., 'problems': [one line each], 'notes': [...]}."""
-    from phalanx import config as C
     cfg = C.build_config(None, [])  # what a plain `phalanx train` runs: the default recipe
     problems: list[str] = []
     notes: list[str] = []
     t0 = time.perf_counter()
     # The backend check forks (gloo): first, before anything here starts a thread pool or a CUDA context.
-    asked = [backend] if backend else [b for b in BACKENDS if b == "gloo" or torch.cuda.is_available()]
+    asked = [backend] if backend else [b for b in BACKENDS if runtime.for_backend(b).is_available()]
     backends = [probe_backend(b) for b in asked]
-    report: dict = {"versions": versions(), "cpu": cpu_info(), "gpus": gpu_info(problems), "xla": xla_info(notes),
-                    "backends": backends}
+    report: dict = {"versions": versions(), "cpu": cpu_info(), **device_info(problems, notes), "backends": backends}
     for r in report["backends"]:
         if not r["ok"]:
             problems.append(f"backend {r['backend']}: {r['error']}")
     report["bf16"] = bf16_info()
-    report["matmul"] = matmul_peak(report["bf16"])
+    report["matmul"] = matmul_rates()
     report["storage"] = storage_info(cache_dir or cfg.data.cache_dir, out_dir or cfg.out_dir, problems)
     report["dataset"] = dataset_info(cache_dir or cfg.data.cache_dir, notes)
     report["layout"] = layout_info(cfg, notes)
@@ -68,7 +78,6 @@ def versions() -> dict:
 
     import torchvision
 
-    import phalanx
     out = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "torchvision": torchvision.__version__, "phalanx": phalanx.__version__}
     for extra in ("onnxruntime", "tensorboard", "matplotlib"):
@@ -80,7 +89,6 @@ def versions() -> dict:
 
 
 def cpu_info() -> dict:
-    from phalanx.runtime.cpu import cpu_model, usable_cores
     flags: set = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,38 +118,15 @@ def cgroup_cpus() -> float | None:
         return None
 
 
-def gpu_info(problems: list[str]) -> list[dict]:
-    if not torch.cuda.is_available():
-        if Path("/proc/driver/nvidia/version").exists():
-            problems.append(f"an NVIDIA driver is loaded but torch {torch.__version__} sees no GPU "
-                            f"(torch.version.cuda={torch.version.cuda}): install a CUDA build of torch that fits "
-                            f"the driver (https://pytorch.org/get-started/locally/)")
-        return []
-    gpus = []
-    for i in range(torch.cuda.device_count()):
-        prop = torch.cuda.get_device_properties(i)
-        gpus.append({"index": i, "name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1),
-                     "capability": f"{prop.major}.{prop.minor}"})
-    return gpus
-
-
-def xla_info(notes: list[str]) -> dict | None:
-    import importlib.util
-    if importlib.util.find_spec("torch_xla") is None:
-        return None
-    try:
-        import torch_xla.core.xla_model as xm
-        devices = [str(d) for d in xm.get_xla_supported_devices()]
-        return {"devices": devices}
-    except Exception as e:  # a TPU runtime that is absent or busy
-        notes.append(f"torch_xla is installed but lists no devices ({type(e).__name__}: {str(e)[:120]})")
-        return {"devices": []}
+def device_info(problems: list[str], notes: list[str]) -> dict:
+    """{'gpus': [...], 'xla': {'devices': [...]} or None}: what each accelerator kind lists on this node."""
+    gpus = runtime.KINDS["cuda"].inventory(problems, notes) or []
+    xla = runtime.KINDS["xla"].inventory(problems, notes)
+    return {"gpus": gpus, "xla": None if xla is None else {"devices": [d["device"] for d in xla]}}
 
 
 def bf16_info() -> dict:
-    from phalanx.runtime.cpu import cpu_has_bf16
-    return {"cpu_native": cpu_has_bf16(),
-            "cuda": torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None}
+    return {"cpu_native": runtime.KINDS["cpu"].bf16_supported(), "cuda": runtime.KINDS["cuda"].bf16_supported()}
 
 
 # ----------------------------------------------------------------------------- process-group backends
@@ -154,15 +139,16 @@ def probe_backend(backend: str, world: int = 2) -> dict:
 
     res = {"backend": backend, "ok": False, "ranks": world, "error": None}
     available = {"gloo": dist.is_gloo_available, "nccl": dist.is_nccl_available}[backend]()
-    if backend == "nccl" and not (available and torch.cuda.is_available()):
-        why = "torch sees no CUDA GPU" if available else f"this torch build ({torch.__version__}) has no NCCL"
-        res["error"] = f"{why}; NCCL needs NVIDIA GPUs: on CPUs use --backend gloo (what --parallel.backend auto picks)"
+    kind = runtime.for_backend(backend)
+    if available and not kind.is_available():
+        res["error"] = (f"torch sees no {kind.kind.upper()} device; {backend} needs one: on CPUs use --backend gloo "
+                        f"(what --parallel.backend auto picks)")
         return res
     if not available:
         res["error"] = f"this torch build ({torch.__version__}) has no {backend}; reinstall torch from pytorch.org"
         return res
-    if backend == "nccl":
-        res["ranks"] = world = min(world, torch.cuda.device_count())  # NCCL refuses two ranks on one GPU
+    if kind().device_count():
+        res["ranks"] = world = min(world, kind().device_count())  # NCCL refuses two ranks on one GPU
     try:
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=PROBE_TIMEOUT_S))
@@ -199,11 +185,9 @@ def _all_reduce_worker(backend: str, rank: int, world: int, port: int) -> None:
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=PROBE_TIMEOUT_S))
     try:
         torch.set_num_threads(1)
-        kwargs, device = {}, torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", rank)
-            torch.cuda.set_device(device)
-            kwargs["device_id"] = device
+        accel = runtime.for_backend(backend)()
+        device = accel.bind(rank)
+        kwargs = {"device_id": device} if accel.device_count() else {}
         dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=PROBE_TIMEOUT_S), **kwargs)
         small = torch.ones(1, device=device)
@@ -212,13 +196,11 @@ def _all_reduce_worker(backend: str, rank: int, world: int, port: int) -> None:
         def timed(t: torch.Tensor, n: int) -> float:
             for _ in range(2):  # warm-up: connections, buffers
                 dist.all_reduce(t)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            accel.synchronize(device)
             start = time.perf_counter()
             for _ in range(n):
                 dist.all_reduce(t)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            accel.synchronize(device)
             return (time.perf_counter() - start) / n
 
         latency, big_s = timed(small, 50), timed(big, 10)
@@ -230,42 +212,30 @@ def _all_reduce_worker(backend: str, rank: int, world: int, port: int) -> None:
                 "busbw_gbs": round(2 * (world - 1) / world * size / big_s / 1e9, 3) if world > 1 else None}))
         dist.destroy_process_group()
     except Exception as e:
-        from phalanx.errors import first_line
         store.set(f"error{rank}", f"rank {rank}: {type(e).__name__}: {first_line(e)[:200]}")
 
 
 # ----------------------------------------------------------------------------- numerics
 
-def matmul_peak(bf16: dict, seconds: float = 0.6) -> list[dict]:
-    """Measured square-matmul rates in GFLOP/s on the first GPU (or the CPU with all usable cores):
-    fp32, and bf16 where it is native."""
-    from phalanx.runtime.cpu import usable_cores
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtypes = [torch.float32] + ([torch.bfloat16] if (bf16["cuda"] if cuda else bf16["cpu_native"]) else [])
-    n = 8192 if cuda else 1024
+def matmul_rates(seconds: float = 0.6) -> list[dict]:
+    """Measured square-matmul rates in GFLOP/s (tools/bench.py's matmul_peak) on the first device ranks would be
+    bound to, or on the CPU with all usable cores: fp32, and bf16 where it is native."""
+    accel = runtime.accelerator()
+    if accel.tuned is False:  # XLA: a matmul there times a compilation first; the CPU's rate is what is asked
+        accel = runtime.KINDS["cpu"]()
+    bound = accel.device_count() > 0  # a GPU: one rank per device; else the host's cores
+    device = accel.bind(0)
+    dtypes = [torch.float32] + ([torch.bfloat16] if accel.bf16_supported() else [])
+    n = 8192 if bound else 1024
     threads = torch.get_num_threads()
-    if not cuda:
+    if not bound:
         torch.set_num_threads(usable_cores())
     out = []
     try:
         for dt in dtypes:
-            a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-            best, spent = 0.0, 0.0
-            torch.mm(a, b)  # warm-up
-            while spent < seconds / len(dtypes):
-                if cuda:
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                for _ in range(3):
-                    torch.mm(a, b)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                dt_s = time.perf_counter() - start
-                spent += dt_s
-                best = max(best, 3 * 2 * n ** 3 / dt_s / 1e9)
+            rate = matmul_peak(device, dt, n=n, seconds=seconds / len(dtypes))
             out.append({"dtype": str(dt).replace("torch.", ""), "device": str(device), "n": n,
-                        "threads": None if cuda else torch.get_num_threads(), "gflops": round(best, 1)})
+                        "threads": None if bound else torch.get_num_threads(), "gflops": round(rate / 1e9, 1)})
     finally:
         torch.set_num_threads(threads)
     return out
@@ -284,7 +254,6 @@ def folder_space(path: Path) -> dict:
 
 
 def storage_info(cache_configured: str, out_dir: str, problems: list[str]) -> dict:
-    from phalanx.data.sources import cache_dir
     out: dict = {"shm": None}
     shm = Path("/dev/shm")
     if shm.is_dir():
@@ -307,9 +276,6 @@ def storage_info(cache_configured: str, out_dir: str, problems: list[str]) -> di
 def dataset_info(cache_configured: str, notes: list[str]) -> dict:
     """Where the default dataset's files are, and whether their prepared store exists (a note when absent:
     `phalanx train` installs it, and other data needs none of it)."""
-    from phalanx.data.sources import cache_dir, find_fashion_mnist, store_path_for
-    from phalanx.data.store import is_store
-    from phalanx.errors import DataError
     try:
         folder = find_fashion_mnist(False, cache_dir(cache_configured))
     except DataError:
@@ -323,10 +289,6 @@ def dataset_info(cache_configured: str, notes: list[str]) -> dict:
 
 def layout_info(cfg, notes: list[str]) -> dict | None:
     """What `phalanx train --nproc auto` chooses with the default recipe's global batch."""
-    from phalanx import runtime
-    from phalanx.data.mix import world_fits
-    from phalanx.runtime.dist import threads_per_rank
-    from phalanx.runtime.launch import resolve_nproc
     try:
         nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum, world_fits(cfg))
         accel = runtime.accelerator(cfg.device)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 import re
 import sys
@@ -30,8 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from phalanx.errors import ConfigError
-from phalanx.observe.console import wall_time
+from phalanx.data.augment import Normalize
+from phalanx.data.loader import SplitOnDevice, to_nchw
+from phalanx.errors import CheckpointError, ConfigError
+from phalanx.observe import plots
+from phalanx.observe.console import is_number as _number
+from phalanx.observe.console import read_metrics, wall_time
+from phalanx.tools.export import run_store
+from phalanx.train.evaluate import eval_crop_of_meta, load_weights
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,45 +103,6 @@ class RunRecord:
 
 
 # ----------------------------------------------------------------------------- reading a run directory
-
-def _number(v) -> bool:
-    try:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    except OverflowError:  # an integer beyond any float
-        return False
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], int, float | None]:
-    """(train records, evaluations, lines skipped, t0): the last record of each step wins (a resumed run
-    logs again the steps after its checkpoint), sorted by step, with `wall`: seconds since t0, the unix
-    time the run's first process started writing (so restarts and the time between them count)."""
-    if not path.is_file():
-        return [], [], 0, None
-    records, skipped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:  # a line being written right now, or a torn one
-            skipped += line.strip() != ""
-            continue
-        if not isinstance(r, dict):
-            skipped += 1
-        elif isinstance(r.get("step"), int) and r.get("event") in ("train", "eval"):
-            records.append(r)  # other events (written by other tools) are not plotted
-    first = next((r for r in records if _number(r.get("unix_time")) and _number(r.get("time"))), None)
-    t0 = first["unix_time"] - first["time"] if first else None
-    by_step: dict[tuple[str, int], dict] = {}
-    for r in records:
-        r = dict(r)
-        if t0 is not None and _number(r.get("unix_time")):
-            r["wall"] = r["unix_time"] - t0
-        elif _number(r.get("time")):
-            r["wall"] = r["time"]
-        by_step[(r["event"], r["step"])] = r
-    train = sorted((r for (e, _), r in by_step.items() if e == "train"), key=lambda r: r["step"])
-    evals = sorted((r for (e, _), r in by_step.items() if e == "eval"), key=lambda r: r["step"])
-    return train, evals, skipped, t0
-
 
 def _flatten(table: dict, prefix: str = "") -> dict:
     out = {}
@@ -291,11 +257,6 @@ def confusion_of_final_weights(rec: RunRecord) -> None:
     rec.cm_note saying why there are none. Evaluated in fp32 on the CPU, with the run's flip TTA."""
     import torch
 
-    from phalanx.data.augment import Normalize
-    from phalanx.data.loader import SplitOnDevice, to_nchw
-    from phalanx.errors import CheckpointError
-    from phalanx.tools.export import run_store
-    from phalanx.train.evaluate import eval_crop_of_meta, load_weights
 
     if not (rec.path / "model.safetensors").is_file():
         rec.cm_note = ("No final weights (model.safetensors) yet: the confusion matrix and per-class accuracy come "
@@ -594,7 +555,6 @@ def _labels(paths: list[Path]) -> list[str]:
 
 def make_report(run_dirs: list[Path], out: Path | None = None, evaluate: bool = True) -> Path:
     """Write OUT/report.html and OUT/report/*.png for the runs; returns the page's path."""
-    from phalanx.observe import plots
 
     try:
         plots.pyplot()

@@ -35,6 +35,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from phalanx import runtime
+from phalanx.data.mix import world_fits
+from phalanx.models import build_model
+from phalanx.runtime.cpu import cpu_model, usable_cores
+from phalanx.runtime.dist import threads_per_rank
+from phalanx.runtime.launch import resolve_nproc
+from phalanx.train.budget import TUNED_RATE_ENV
+
 VERSION = 1  # of the cache entries; bump when the measurement changes
 
 
@@ -54,7 +62,7 @@ class Choice:
 @dataclass(frozen=True)
 class Question:
     """What is to be decided (the `auto` fields) and what is fixed, for one model, batch and machine."""
-    kind: str                    # accelerator kind: "cpu" or "cuda"
+    kind: str                    # accelerator kind (runtime.KINDS), one that is tuned
     cores: int                   # usable cores of this node (CPU)
     layouts: tuple[tuple[int, int], ...]   # candidate (ranks, threads); one entry when fixed
     precisions: tuple[str, ...]  # candidate autocast dtypes; one entry when fixed
@@ -78,12 +86,9 @@ def layouts_for(cores: int, global_batch: int) -> tuple[tuple[int, int], ...]:
 
 def machine() -> str:
     """The CPU model and usable cores, or the GPU's name: what a measurement holds for."""
-    from phalanx.runtime.cpu import cpu_model, usable_cores
     cpu = cpu_model()
-    gpu = ""
-    if torch.cuda.is_available():
-        gpu = f", {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-    return f"{cpu} ({usable_cores()} cores){gpu}"
+    bound = runtime.accelerator().describe()  # the GPUs ranks are bound to, where they are
+    return f"{cpu} ({usable_cores()} cores)" + (f", {bound}" if bound else "")
 
 
 def cache_key(q: Question) -> str:
@@ -141,11 +146,11 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
     def rank(r: int) -> None:
         try:
             net, opt, x, y = _synthetic_rank(q, per_rank, device, fmt, seed=r)
+            accel = runtime.of(device)
             split = {"compute_s": 0.0, "comm_s": 0.0, "optim_s": 0.0, "grad_bytes": 0}
 
             def sync() -> float:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                accel.synchronize(device)
                 return time.perf_counter()
 
             def step() -> None:
@@ -202,7 +207,6 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
 def _synthetic_rank(q: Question, per_rank: int, device: torch.device, fmt: torch.memory_format, seed: int):
     """(model, optimizer, images, labels) of one measured rank: its copy of the model (compiled when the run
     compiles: in the first warm-up step, which is not timed) and a synthetic batch of its share."""
-    from phalanx.models import build_model
     h, w, ch = q.shape
     torch.manual_seed(seed)
     net = build_model(q.model[0], q.num_classes, ch, h, *q.model[1:]).to(device, memory_format=fmt)
@@ -284,7 +288,7 @@ def decide(q: Question, cache: Path | None, measure: Measure, refresh: bool = Fa
 
 
 def device_of(q: Question) -> torch.device:
-    return torch.device("cuda", 0) if q.kind == "cuda" else torch.device("cpu")
+    return runtime.KINDS[q.kind]().bind(0)
 
 
 def table(record: dict) -> str:
@@ -318,34 +322,30 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
     The layout is open on CPU with `--nproc auto` on one node (nodes of a multi-node run must agree,
     so they use the rule); precision with `--precision auto` where bf16 is native on the CPU (a GPU
     takes bf16 where it has it); the memory format unless `--model.channels_last` was given."""
-    from phalanx import runtime
-    from phalanx.data.mix import world_fits
-    from phalanx.runtime.cpu import cpu_has_bf16, usable_cores
-    from phalanx.runtime.dist import threads_per_rank
-    from phalanx.runtime.launch import resolve_nproc
     accel = runtime.accelerator(cfg.device)
-    if accel.kind not in ("cpu", "cuda"):
+    if not accel.tuned:
         return None
+    bound = accel.device_count() > 0  # one rank per device (GPUs); else ranks share the host's cores
     micro = cfg.global_batch // cfg.grad_accum
     cores = usable_cores()
     fits = world_fits(cfg)
-    if accel.kind == "cpu" and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
+    if not bound and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
         layouts = layouts_for(cores, micro)
         if fits is not None:  # only layouts the run can use (mixup's pairs whole on each rank)
             layouts = tuple(lay for lay in layouts if fits(lay[0])) or layouts
     else:
         n, _ = resolve_nproc(cfg.parallel, cfg.device, micro, fits)
         layouts = ((n, threads_per_rank(cfg.parallel, n)),)
-    if accel.kind == "cuda":  # one rank per GPU: measure one rank's share on one GPU
+    if bound:  # one rank per GPU: measure one rank's share on one GPU
         micro, layouts = max(1, micro // layouts[0][0]), ((1, 1),)
-    if cfg.precision == "auto" and accel.kind == "cpu" and cpu_has_bf16():
+    if cfg.precision == "auto" and accel.tunes_precision():
         precisions = ("bf16", "fp32")
     else:
         dtype = accel.autocast_dtype(cfg.precision)
         precisions = ({None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],)
     formats = (cfg.model.channels_last,) if "model.channels_last" in explicit else (True, False)
     m = cfg.model
-    compile_mode = m.compile_mode if m.compile and accel.kind == "cuda" else ""
+    compile_mode = m.compile_mode if m.compile and accel.compile_modes else ""
     return Question(accel.kind, cores, layouts, precisions, formats, (m.name, m.width, m.norm, m.act, m.small_input),
                     tuple(shape), num_classes, micro, compile_mode)
 
@@ -358,13 +358,11 @@ def tune_run(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: 
     if q is None or not q.open:
         return []
     device = device_of(q)
-    if q.kind == "cuda":  # timed with the settings training runs with: cuDNN autotuning, TF32 (--tf32)
-        from phalanx import runtime
-        runtime.accelerator(cfg.device).configure_training(deterministic=cfg.deterministic, tf32=cfg.tf32)
+    # timed with the settings training runs with (on CUDA: cuDNN autotuning, TF32 with --tf32)
+    runtime.accelerator(cfg.device).configure_training(deterministic=cfg.deterministic, tf32=cfg.tf32)
     choice, record = decide(q, cache, lambda c: measure_choice(c, q, device=device))
     say(f"phalanx: {summary_line(choice, record)}")
     if record.get("rates"):  # a --budget's first estimate of the speed, before the ranks measure their own
-        from phalanx.train.budget import TUNED_RATE_ENV
         os.environ[TUNED_RATE_ENV] = repr(float(record["rates"][0][1]))
     argv = []
     if len(q.layouts) > 1:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 
+from phalanx.train.cadence import agree_every
+
 START_ENV = "PHALANX_START_TIME"
 """Wall-clock time (time.time()) the command started, set by the first `phalanx` process, inherited by ranks."""
 
@@ -73,7 +75,6 @@ def estimate_every(steps_per_epoch: int, host_reads_sync: bool) -> int:
     """Steps between two estimates. Each is a broadcast from rank 0, which waits for the queued step where a
     read waits for the device (CUDA, XLA): there at the ranks' agreement cadence (the logging one), when the
     host reads anyway, so that the step stays free of host synchronisation; every BUDGET_EVERY steps on CPU."""
-    from phalanx.train.cadence import agree_every
     return max(BUDGET_EVERY, agree_every(steps_per_epoch, host_reads_sync))
 
 

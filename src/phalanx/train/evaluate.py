@@ -15,9 +15,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phalanx.data.augment import Normalize
+from phalanx.data.augment import Normalize, eval_crop_of
+from phalanx.data.imageio import IMAGE_EXTENSIONS, decode_chw, is_image_file
 from phalanx.data.loader import SplitOnDevice, eval_chunks, to_nchw
+from phalanx.data.sources import open_on_node
+from phalanx.durable import is_numbers
+from phalanx.errors import CheckpointError, DataError, first_line
+from phalanx.models import build_model, model_refusal
 from phalanx.parallel.collectives import all_reduce_sum
+from phalanx.parallel.model_state import check_fits, load_into
+from phalanx.runtime import dist as rdist
+from phalanx.train.checkpoint import read_json_object, show
 from phalanx.train.precision import Precision
 
 
@@ -78,9 +86,6 @@ def load_weights(target: Path, device: torch.device | None = None) -> tuple[nn.M
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from phalanx.errors import CheckpointError
-    from phalanx.parallel.model_state import check_fits, load_into
-    from phalanx.train.checkpoint import read_json_object
 
     target = Path(target)
     weights = target / "model.safetensors" if target.is_dir() else target
@@ -126,10 +131,6 @@ _MODEL_OPTIONAL = {
 
 def _check_model_meta(meta: dict, path: Path) -> None:
     """One CheckpointError line naming the first field of model.json that load and predict cannot use."""
-    from phalanx.durable import is_numbers
-    from phalanx.errors import CheckpointError
-    from phalanx.models import model_refusal
-    from phalanx.train.checkpoint import show
 
     for key, (_, words) in _MODEL_FIELDS.items():
         if key not in meta:
@@ -152,8 +153,6 @@ def _check_model_meta(meta: dict, path: Path) -> None:
 
 
 def _build_from_meta(meta: dict, path: Path) -> nn.Module:
-    from phalanx.errors import CheckpointError, first_line
-    from phalanx.models import build_model
     try:
         return build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
                            meta.get("width", 64), meta.get("norm", "batch"), meta.get("act", "relu"),
@@ -165,8 +164,6 @@ def _build_from_meta(meta: dict, path: Path) -> nn.Module:
 
 def eval_main(cfg, target: Path) -> dict:
     """`phalanx eval`: evaluate saved weights on the test split of cfg.data, on this rank."""
-    from phalanx.data.sources import open_on_node
-    from phalanx.runtime import dist as rdist
 
     env = rdist.init(cfg.parallel, cfg.device)
     try:
@@ -177,7 +174,6 @@ def eval_main(cfg, target: Path) -> dict:
                              cfg.data.size, cfg.data.channels)
         split = store["test" if "test" in store.splits else "val"]
         if store.shape[2] != meta["in_channels"] or len(store.classes) != meta["num_classes"]:
-            from phalanx.errors import DataError
             raise DataError(f"{store.path}: {store.shape} images with {len(store.classes)} classes do not fit "
                             f"{target} ({meta['in_channels']} channels, {meta['num_classes']} classes)")
         normalize = Normalize(meta["mean"], meta["std"], env.device, cfg.model.channels_last, eval_crop_of_meta(meta))
@@ -195,7 +191,6 @@ def eval_main(cfg, target: Path) -> dict:
 def eval_crop_of_meta(meta: dict) -> tuple[int, float] | None:
     """Evaluation's (crop side, fraction) for weights trained on augment.crop_size crops of stored
     images of image_size (model.json's crop_size and eval_crop), or None."""
-    from phalanx.data.augment import eval_crop_of
     crop, frac = meta.get("crop_size"), meta.get("eval_crop", 0.875)
     number = isinstance(frac, (int, float)) and not isinstance(frac, bool)
     if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 and number and 0 < frac <= 1:
@@ -206,8 +201,6 @@ def eval_crop_of_meta(meta: dict) -> tuple[int, float] | None:
 def list_images(paths: list[Path]) -> list[Path]:
     """Files named, plus the image files under folders named (recursively, sorted); DataError for a
     missing path or a folder without images. A file named on its own is taken whatever its suffix."""
-    from phalanx.data.imageio import IMAGE_EXTENSIONS, is_image_file
-    from phalanx.errors import DataError
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -229,7 +222,6 @@ def predict_files(model: nn.Module, meta: dict, files: list[Path], top: int = 3,
     """Top-k classes of image files by a model from `load_weights`, preprocessed like the training store
     (size, channels, normalisation), `batch` files at a time; yields one row per file, in order. A file
     that cannot be decoded raises DecodeError naming it."""
-    from phalanx.data.imageio import decode_chw
 
     size, ch = meta["image_size"], meta["in_channels"]
     normalize = Normalize(meta["mean"], meta["std"], torch.device("cpu"), False, eval_crop_of_meta(meta))

@@ -8,6 +8,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from phalanx.observe.console import summary_table
+from phalanx.observe.plots import plot_run
 
 
 def export_weights(weights: nn.Module | dict, path: Path, meta: dict) -> None:
@@ -35,7 +36,6 @@ def finish(run, result: dict, train_s: float, weights: dict) -> None:
     run_dir, state, log = run.run_dir, run.state, run.log
     export_weights(weights, run_dir / "model.safetensors", export_meta(run))
     try:
-        from phalanx.observe.plots import plot_run
         plot_run(run_dir)
     except Exception as e:  # a plot is a nicety; never fail a finished run for it
         log.warning(f"could not draw curves.png: {e}")

@@ -179,19 +179,6 @@ def test_report_pages_load_in_headless_chromium_without_console_errors(finished,
         assert shot.size == (1280, 2000) and len(shot.getcolors(maxcolors=1 << 20) or [0] * 1000) > 20, page
 
 
-def test_metrics_of_a_resumed_run_keep_the_last_record_of_each_step_and_skip_a_torn_line(tmp_path):
-    from phalanx.tools.report import read_metrics
-
-    rows = [{"event": "train", "step": 2, "loss": 2.0, "time": 1.0, "unix_time": 101.0},
-            {"event": "train", "step": 4, "loss": 1.5, "time": 2.0, "unix_time": 102.0},   # lost with the process
-            {"event": "train", "step": 4, "loss": 1.4, "time": 1.0, "unix_time": 201.0},   # logged again on resume
-            {"event": "eval", "step": 4, "acc": 0.5, "loss": 1.0, "time": 2.0, "unix_time": 202.0}]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + '\n{"event": "train", "st')
-    train, evals, skipped, t0 = read_metrics(tmp_path / "metrics.jsonl")
-    assert [(r["step"], r["loss"], r["wall"]) for r in train] == [(2, 2.0, 1.0), (4, 1.4, 101.0)]
-    assert [(e["step"], e["wall"]) for e in evals] == [(4, 102.0)] and skipped == 1 and t0 == 100.0
-
-
 def test_a_profiled_run_shows_each_ranks_step_split(tiny_run, tmp_path):
     run = tmp_path / "profiled"
     shutil.copytree(tiny_run, run)
