@@ -2,7 +2,7 @@
 point down the layers, and an import inside a function says why it is there.
 
 The layers, top to bottom (docs/architecture.md draws them):
-    commands -> tools -> train -> parallel, data, observe -> runtime, models -> config, durable -> errors
+    commands -> tools -> train -> parallel, data, observe -> runtime, models -> config, durable, paths -> errors
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "phalanx"
 
-LAYERS = {"errors": 0, "config": 1, "durable": 1, "runtime": 2, "models": 2, "parallel": 3, "data": 3,
+LAYERS = {"errors": 0, "config": 1, "durable": 1, "paths": 1, "runtime": 2, "models": 2, "parallel": 3, "data": 3,
           "observe": 3, "train": 4, "tools": 5, "commands": 6, "__main__": 7, "__init__": 7}
 """Layer of each top-level module or package of phalanx: an import may point to its own layer or below."""
 
