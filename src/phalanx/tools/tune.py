@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from phalanx import runtime
 from phalanx.data.mix import world_fits
 from phalanx.models import build_model
-from phalanx.runtime.cpu import cpu_model, usable_cores
+from phalanx.runtime import cpu as host  # read at each call: a test (or a caller) may stand in for the host
 from phalanx.runtime.dist import threads_per_rank
 from phalanx.runtime.launch import resolve_nproc
 from phalanx.train.budget import TUNED_RATE_ENV
@@ -86,9 +86,9 @@ def layouts_for(cores: int, global_batch: int) -> tuple[tuple[int, int], ...]:
 
 def machine() -> str:
     """The CPU model and usable cores, or the GPU's name: what a measurement holds for."""
-    cpu = cpu_model()
+    cpu = host.cpu_model()
     bound = runtime.accelerator().describe()  # the GPUs ranks are bound to, where they are
-    return f"{cpu} ({usable_cores()} cores)" + (f", {bound}" if bound else "")
+    return f"{cpu} ({host.usable_cores()} cores)" + (f", {bound}" if bound else "")
 
 
 def cache_key(q: Question) -> str:
@@ -135,9 +135,6 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
     of the gradient all-reduce ("comm_s", not overlapped with backward here, unlike DDP), of the
     optimizer ("optim_s"), and the bytes all-reduced per step ("grad_bytes")."""
     device = device or torch.device("cpu")
-    per_rank = max(1, q.global_batch // c.nproc)
-    dtype = torch.bfloat16 if c.precision == "bf16" else None
-    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
     groups = _thread_groups(c.nproc)
     times: list[float] = [0.0] * c.nproc
     errors: list[BaseException] = []
@@ -145,43 +142,9 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
 
     def rank(r: int) -> None:
         try:
-            net, opt, x, y = _synthetic_rank(q, per_rank, device, fmt, seed=r)
-            accel = runtime.of(device)
-            split = {"compute_s": 0.0, "comm_s": 0.0, "optim_s": 0.0, "grad_bytes": 0}
-
-            def sync() -> float:
-                accel.synchronize(device)
-                return time.perf_counter()
-
-            def step() -> None:
-                t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    out = net(x)
-                F.cross_entropy(out.float(), y).backward()
-                t1 = sync()
-                if groups is not None:  # as DDP: one all-reduce of the flattened gradients
-                    flat = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])
-                    groups[r].allreduce([flat]).wait()
-                    split["grad_bytes"] = flat.numel() * flat.element_size()
-                t2 = sync()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                t3 = sync()
-                split["compute_s"] += t1 - t0
-                split["comm_s"] += t2 - t1
-                split["optim_s"] += t3 - t2
-
-            for _ in range(2):  # warm-up: allocator, oneDNN primitives, cuDNN choices
-                step()
-            split.update(compute_s=0.0, comm_s=0.0, optim_s=0.0)
-            start.wait()
-            t0, steps = time.perf_counter(), 0
-            while steps < max_steps and (steps < 2 or time.perf_counter() - t0 < min_seconds):
-                step()
-                steps += 1
-            times[r] = (time.perf_counter() - t0) / steps
+            times[r], split = _time_rank(r, c, q, device, groups, start, min_seconds, max_steps)
             if r == 0 and phases is not None:
-                phases.update({k: v / steps if k.endswith("_s") else v for k, v in split.items()})
+                phases.update(split)
         except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
             errors.append(e)
             start.abort()
@@ -202,6 +165,50 @@ def measure_choice(c: Choice, q: Question, min_seconds: float = 0.5, max_steps: 
     if errors:
         raise errors[0]
     return q.global_batch / max(times)
+
+
+def _time_rank(r: int, c: Choice, q: Question, device: torch.device, groups, start: threading.Barrier,
+               min_seconds: float, max_steps: int) -> tuple[float, dict]:
+    """(seconds per step, rank r's mean split of a step) for rank r of layout `c`, after two untimed steps; the
+    ranks start timing together at `start`."""
+    per_rank = max(1, q.global_batch // c.nproc)
+    dtype = torch.bfloat16 if c.precision == "bf16" else None
+    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
+    net, opt, x, y = _synthetic_rank(q, per_rank, device, fmt, seed=r)
+    accel = runtime.of(device)
+    split = {"compute_s": 0.0, "comm_s": 0.0, "optim_s": 0.0, "grad_bytes": 0}
+
+    def sync() -> float:
+        accel.synchronize(device)
+        return time.perf_counter()
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = net(x)
+        F.cross_entropy(out.float(), y).backward()
+        t1 = sync()
+        if groups is not None:  # as DDP: one all-reduce of the flattened gradients
+            flat = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])
+            groups[r].allreduce([flat]).wait()
+            split["grad_bytes"] = flat.numel() * flat.element_size()
+        t2 = sync()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = sync()
+        split["compute_s"] += t1 - t0
+        split["comm_s"] += t2 - t1
+        split["optim_s"] += t3 - t2
+
+    for _ in range(2):  # warm-up: allocator, oneDNN primitives, cuDNN choices
+        step()
+    split.update(compute_s=0.0, comm_s=0.0, optim_s=0.0)
+    start.wait()
+    t0, steps = time.perf_counter(), 0
+    while steps < max_steps and (steps < 2 or time.perf_counter() - t0 < min_seconds):
+        step()
+        steps += 1
+    return (time.perf_counter() - t0) / steps, {k: v / steps if k.endswith("_s") else v for k, v in split.items()}
 
 
 def _synthetic_rank(q: Question, per_rank: int, device: torch.device, fmt: torch.memory_format, seed: int):
@@ -288,7 +295,8 @@ def decide(q: Question, cache: Path | None, measure: Measure, refresh: bool = Fa
 
 
 def device_of(q: Question) -> torch.device:
-    return runtime.KINDS[q.kind]().bind(0)
+    # the first device where ranks are bound to devices (a GPU); the host otherwise
+    return torch.device(q.kind, 0) if runtime.KINDS[q.kind]().device_count() else torch.device("cpu")
 
 
 def table(record: dict) -> str:
@@ -327,7 +335,7 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
         return None
     bound = accel.device_count() > 0  # one rank per device (GPUs); else ranks share the host's cores
     micro = cfg.global_batch // cfg.grad_accum
-    cores = usable_cores()
+    cores = host.usable_cores()
     fits = world_fits(cfg)
     if not bound and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
         layouts = layouts_for(cores, micro)

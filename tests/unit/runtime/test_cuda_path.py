@@ -30,6 +30,9 @@ class OneGPU(CUDAAccelerator):
     def device_count(self) -> int:
         return 1
 
+    def describe(self) -> str:
+        return "a test GPU x 1"
+
 
 @pytest.fixture
 def restore_backend_flags():
