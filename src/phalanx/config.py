@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import keyword
 import math
 import re
 import sys
@@ -188,6 +189,8 @@ class CheckpointConfig:
     """How many checkpoints to keep (oldest are deleted)."""
     resume: str = ""
     """Run directory (or checkpoint directory) to resume from; a run started in a directory with a checkpoint resumes from it."""
+    async_: Literal["auto", "true", "false"] = "auto"
+    """The step waits only for a copy of the state into host memory and one background thread writes and seals it (auto: on for a replicated model; a sharded one is written synchronously)."""
 
 
 @dataclass
@@ -441,7 +444,8 @@ def fields_of(cls: type = Config, prefix: str = "") -> tuple[FieldInfo, ...]:
         if dataclasses.is_dataclass(t):
             out.extend(fields_of(t, prefix + f.name + "."))
         else:
-            out.append(FieldInfo(prefix + f.name, t, getattr(default_obj, f.name), docs.get(f.name, "")))
+            # A trailing underscore only keeps a Python keyword a valid field name: `async_` is `--ckpt.async`.
+            out.append(FieldInfo(prefix + f.name.rstrip("_"), t, getattr(default_obj, f.name), docs.get(f.name, "")))
     return tuple(out)
 
 
@@ -450,10 +454,15 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _attr(part: str) -> str:
+    """The dataclass field of an option's part (`async` is the field `async_`)."""
+    return part + "_" if keyword.iskeyword(part) else part
+
+
 def get_key(cfg: Any, key: str) -> Any:
     obj = cfg
     for part in key.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, _attr(part))
     return obj
 
 
@@ -461,8 +470,8 @@ def _set_key(cfg: Any, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     obj = cfg
     for part in parents:
-        obj = getattr(obj, part)
-    setattr(obj, leaf, value)
+        obj = getattr(obj, _attr(part))
+    setattr(obj, _attr(leaf), value)
 
 
 def _coerce_literal(choices: tuple, value: Any, where: str) -> Any:
@@ -534,6 +543,7 @@ def _coerce(info: FieldInfo, value: Any, origin: str) -> Any:
 
 def _lookup(key: str, origin: str) -> FieldInfo:
     infos = {i.key: i for i in fields_of()}
+    key = key.rstrip("_")  # a field named after a Python keyword (ckpt.async_) is the keyword's option
     if key in infos:
         return infos[key]
     # A bare leaf name is accepted when it is unambiguous: `--lr` means `--optim.lr`.
@@ -627,7 +637,7 @@ def to_toml(cfg: Config) -> str:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            lines = [f"[{f.name}]"] + [f"{g.name} = {fmt(getattr(v, g.name))}" for g in dataclasses.fields(v)]
+            lines = [f"[{f.name}]"] + [f"{g.name.rstrip('_')} = {fmt(getattr(v, g.name))}" for g in dataclasses.fields(v)]
             tables.append("\n".join(lines))
         else:
             top.append(f"{f.name} = {fmt(v)}")

@@ -154,11 +154,16 @@ def _save(ckpt_root: Path, tmp: Path, global_step: int, model_sd: dict, optim_sd
     return seal(ckpt_root, tmp, global_step, state, keep)
 
 
+def step_name(global_step: int) -> str:
+    """The folder name of the checkpoint of `global_step`."""
+    return f"step-{global_step:08d}"
+
+
 def seal(ckpt_root: Path, tmp: Path, global_step: int, state: dict, keep: int) -> Path:
     """Finish a write whose tensors are in `tmp`: the RNG states and state.json beside them, every file
     fsynced, the COMPLETE marker with their checksums written last, then the folder renamed into place,
     `latest` pointed at it and old checkpoints pruned. Returns the checkpoint's directory."""
-    name = f"step-{global_step:08d}"
+    name = step_name(global_step)
     final = ckpt_root / name
     rng_tensors: dict[str, torch.Tensor] = {}
     state = dict(state, rng=pack(state.get("rng"), rng_tensors, "rng"))

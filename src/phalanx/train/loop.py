@@ -27,6 +27,7 @@ from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, faults, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.budget import eval_seconds_guess
+from phalanx.train.checkpoint_writer import CheckpointWriter, asynchronous
 from phalanx.train.evaluate import evaluate
 from phalanx.train.finish import finish
 from phalanx.train.setup import Run, setup
@@ -87,9 +88,16 @@ def _looks_like_peer_failure(e: BaseException) -> bool:
 
 def fit(run: Run) -> dict:
     """Train from the state's position to the end of the run (or a preemption); returns the last evaluation."""
+    run.writer = CheckpointWriter(asynchronous(run.cfg.ckpt, run.state.strategy.sharded))
+    ended = False
     try:
-        return train_to_end(run)
+        result = train_to_end(run)
+        run.writer.close()  # the last checkpoint is sealed before the command returns; a failed write says so
+        ended = True
+        return result
     finally:
+        if not ended:  # an error ends the run: the checkpoint in flight is still sealed, the error stays the first
+            run.writer.close(raise_errors=False)
         run.metrics.close()  # TensorBoard's files complete however the run ends
 
 
@@ -356,15 +364,24 @@ def save_checkpoint(run: Run, reason: str):
     with rdist.rank0_alone(env):  # a replicated model's checkpoint is rank 0's alone: the others wait longer
         if state.strategy.sharded:
             path = sharded_checkpoint.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
+        elif env.is_main and run.writer.enabled:  # --ckpt.async: a copy in host memory, written in the background
+            t0 = time.perf_counter()
+            model, optim, ema, meta = run.writer.stage((sd["model"], sd["optim"], sd["ema"], meta), env.accel.pin)
+            env.accel.synchronize(env.device)  # the copies from the device have landed before the writer reads
+            run.writer.submit(lambda: ckpt.save(root, step, model, optim, meta, ema, keep, env.rank), t0)
+            path = root / ckpt.step_name(step)
         elif env.is_main:
             path = ckpt.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
         if env.is_main:
-            run.log.info(f"checkpoint {path} ({reason})")
+            staged = (f"; {1e3 * run.writer.blocked_s[-1]:.0f} ms to stage, written in the background"
+                      if run.writer.enabled and not state.strategy.sharded else "")
+            run.log.info(f"checkpoint {path} ({reason}{staged})")
     return path
 
 
 def stop_for_preemption(run: Run, epoch: int, signal_name: str) -> dict:
     path = save_checkpoint(run, f"preempted by {signal_name or 'a signal on another rank'}")
+    run.writer.wait()  # sealed before the line below says so and the process exits
     run.log.info(f"preempted at epoch {epoch + 1}, step {run.state.position.step}: checkpoint "
                  f"{path or run.run_dir / 'checkpoints'} written; resume with `phalanx train --resume {run.run_dir}`"
                  f" (or start the same command again)")

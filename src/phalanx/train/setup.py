@@ -33,6 +33,7 @@ from phalanx.train.budget import (
     estimate_every,
     eval_seconds_guess,
 )
+from phalanx.train.checkpoint_writer import CheckpointWriter
 from phalanx.train.precision import Precision
 from phalanx.train.schedule import build_optimizer, build_scheduler
 from phalanx.train.state import Position, TrainState
@@ -59,6 +60,7 @@ class Run:
     step_clock: StepClock = field(default_factory=StepClock)   # seconds per step, for the budget
     predicted_s: float | None = None             # the budget's latest estimate of the whole run's wall time
     eval_s: float | None = None                  # the final evaluation's seconds, timed for the budget
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # --ckpt.async: writes in the background
 
     @property
     def epochs(self) -> int:
