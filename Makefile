@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211
+.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211 test-slurm
 
 setup: $(STAMP)
 
@@ -23,17 +23,24 @@ run: data
 	$(VENV)/bin/phalanx train $(ARGS)
 
 test: data lint
-	$(PY) -m pytest -q -m "not slow and not xla" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not xla and not slurm" $(ARGS)
 
 # Further real launches (kept out of `make test` to hold it under 10 minutes); CI runs this lane too.
 test-slow: data
-	$(PY) -m pytest -q -m "slow and not xla" $(ARGS)
+	$(PY) -m pytest -q -m "slow and not xla and not slurm" $(ARGS)
+
+# Real jobs through SLURM's daemons, started on this machine by the tests (tests/slurm/conftest.py): Debian's
+# slurm-wlm and munge are installed first when missing (root); without root the tests skip with one line.
+test-slurm: data
+	@if [ ! -x /usr/sbin/slurmctld ] && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; fi
+	$(PY) -m pytest -q -m slurm tests/slurm $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 test-fast: data
-	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla" $(ARGS)
+	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla and not slurm" $(ARGS)
 
 bench: data
 	$(PY) -m pip install -q -e '.[bench]'
@@ -72,7 +79,7 @@ $(TSTAMP): pyproject.toml
 	@touch $(TSTAMP)
 
 test-torch211: $(TSTAMP) data
-	$(TPY) -m pytest -q -m "not slow and not xla" $(ARGS)
+	$(TPY) -m pytest -q -m "not slow and not xla and not slurm" $(ARGS)
 
 # On this machine: .gpu/ with what the offline GPU machine lacks (Fashion-MNIST, cp312 wheels).
 gpu-pack: data

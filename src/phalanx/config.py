@@ -31,6 +31,9 @@ from phalanx.errors import ConfigError, first_line
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 MAX_TIMEOUT_S = 30 * 24 * 3600  # 30 days: any longer is a mistake, and overflows timedelta-based timeouts
+PATH_KEYS = ("data.path", "data.cache_dir", "model.pretrained", "ckpt.resume", "run_dir", "out_dir")
+"""The fields that name a file or folder: each goes through phalanx.paths.check_path (commands/args.py for the
+command line, tools/checks.py for a recipe's values) before anything looks it up."""
 
 
 @dataclass
@@ -175,6 +178,10 @@ class ParallelConfig:
     """FSDP: shard within groups of this many ranks and replicate across groups (0: shard over all ranks)."""
     reshard_after_forward: bool = True
     """FSDP: free the gathered parameters after forward and gather again for backward (less memory, more traffic)."""
+    invariant: bool = False
+    """The same weights, bit for bit, at any world size dividing the micro-batch count (ghost BatchNorm, fixed-order gradient sum, 1 thread per rank)."""
+    micro_batch: int = 32
+    """With `invariant`: images per micro-batch (its BatchNorm ghost batch); must divide global_batch."""
 
 
 @dataclass
@@ -314,7 +321,7 @@ def _check_run(cfg: Config, need) -> None:
 
 def _check_model_and_optim(cfg: Config, need) -> None:
     """The model, the optimizer and the schedule (which models exist: tools/checks.py, with the models)."""
-    need(not cfg.model.pretrained or Path(cfg.model.pretrained).expanduser().is_file(), "model.pretrained",
+    need(not cfg.model.pretrained or _is_file(cfg.model.pretrained), "model.pretrained",
          "no such file (give a local .safetensors file; nothing is downloaded)")
     need(1 <= cfg.model.width <= 1024, "model.width", "must be in 1..1024")
     o = cfg.optim
@@ -364,10 +371,14 @@ def _check_parallel(cfg: Config, need) -> None:
     """Ranks, threads, nodes, devices, timeouts, sharding; and checkpoints (what this node can run:
     tools/checks.py)."""
     p = cfg.parallel
+    if p.invariant:
+        _check_invariant(cfg, need)
     # isdecimal, not isdigit: int() refuses digits such as '²'; 19+ digits are out of range (tools/checks.py).
     need(p.nproc == "auto" or (p.nproc.isdecimal() and (len(p.nproc) > 18 or int(p.nproc) >= 1)),
          "parallel.nproc", "must be a positive number or 'auto'")
     need(p.nnodes >= 1, "parallel.nnodes", "must be >= 1")
+    need(p.node_rank == -1 or 0 <= p.node_rank < p.nnodes, "parallel.node_rank",
+         f"must be from 0 to nnodes - 1 = {p.nnodes - 1} (or -1: the rendezvous assigns it)")
     # XLA: one process per host drives all its devices (SPMD); a pod's hosts each run the same command.
     need(cfg.device != "xla" or p.nproc in ("auto", "1"), "parallel.nproc",
          "--device xla runs one process per host, whose XLA devices share each batch; use --nproc 1 (or auto)")
@@ -391,6 +402,38 @@ def _check_parallel(cfg: Config, need) -> None:
     need(c.every_steps >= 0, "ckpt.every_steps", "must be >= 0")
     need(c.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0")
     need(c.keep >= 1, "ckpt.keep", "must be >= 1")
+
+
+def invariant_world_error(global_batch: int, micro_batch: int, world: int) -> str | None:
+    """Why `world` ranks cannot share the micro-batches of invariant training equally, or None."""
+    count = global_batch // micro_batch
+    if count % world == 0:
+        return None
+    fits = ", ".join(str(w) for w in range(1, count + 1) if count % w == 0)
+    return (f"parallel.invariant=True splits global_batch={global_batch} into {count} micro-batches of "
+            f"parallel.micro_batch={micro_batch}, which {world} ranks cannot share equally; run on a world size "
+            f"dividing {count} ({fits}) or choose a --parallel.micro_batch that makes the count a multiple of {world}")
+
+
+def _check_invariant(cfg: Config, need) -> None:
+    """World-size-invariant training: micro-batches that cut the global batch, and what it cannot combine with."""
+    p = cfg.parallel
+    need(p.micro_batch >= 1, "parallel.micro_batch", "must be >= 1")
+    need(cfg.global_batch % p.micro_batch == 0, "parallel.micro_batch",
+         f"must divide global_batch={cfg.global_batch} with --parallel.invariant true (e.g. 32 for 256)")
+    need(p.micro_batch % 2 == 0 or not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0), "parallel.micro_batch",
+         "must be even with mixup/CutMix: a micro-batch holds whole pairs (2i, 2i+1) of the global batch")
+    need(cfg.grad_accum == 1, "grad_accum", "must be 1 with --parallel.invariant true: --parallel.micro_batch sets "
+         "the micro-batches each rank accumulates")
+    need(p.strategy == "ddp", "parallel.strategy", "--parallel.invariant true is not supported with fsdp yet; use "
+         "--parallel.strategy ddp (or --parallel.invariant false)")
+    need(not p.sync_bn, "parallel.sync_bn", "--parallel.invariant true computes BatchNorm per micro-batch (ghost "
+         "batches); set --parallel.sync_bn false")
+    need(cfg.device != "xla", "device", "--parallel.invariant true runs on cpu or cuda; use --device cpu")
+    if p.nproc.isdecimal() and 1 <= len(p.nproc) <= 6 and int(p.nproc) >= 1 and 1 <= p.nnodes <= 1 << 16:  # an explicit world size: check it now
+        why = invariant_world_error(cfg.global_batch, p.micro_batch, int(p.nproc) * p.nnodes)
+        if why:
+            raise ConfigError(why)
 
 
 def _check_limits(cfg: Config, need) -> None:
@@ -567,10 +610,19 @@ def _flatten_toml(table: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _is_file(path: str) -> bool:
+    """A file is there; False also where the name cannot be looked up (too long, a link loop: the path checks
+    of tools/checks.py and commands/args.py say which)."""
+    try:
+        return Path(path).expanduser().is_file()
+    except OSError:
+        return False
+
+
 def resolve_recipe(name: str) -> Path:
     """A recipe by path, or by name from the packaged recipes."""
     p = Path(name)
-    if p.is_file():
+    if _is_file(name):
         return p
     for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.toml"):
         if cand.is_file():

@@ -22,6 +22,12 @@ class DecodeError(DataError):
         self.source, self.reason = source, reason if reason is not None else source
 
 
+class DataChoiceError(ConfigError, DataError):
+    """Data the options cannot be used with (a built-in set with --data.channels, an ImageFolder of one class):
+    the user's to fix by another option or other data, so a usage error (exit code 2), and a DataError to the
+    code that handles those."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and the problem."""
 

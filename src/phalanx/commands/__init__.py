@@ -10,6 +10,7 @@
     phalanx doctor [--json] [--backend gloo|nccl]     check this machine before a long run
     phalanx report RUN_DIR [RUN_DIR ...] [--out DIR]  plots and one HTML page of runs (several: compared)
     phalanx tune [--KEY=VALUE ...]                    measure what `auto` chooses for this training, print the table
+    phalanx slurm script|submit ... -- [train options]  an sbatch script for a run, printed or submitted
 
 Two processes run these modules: the launcher (the command the user typed: commands/train.py validates,
 prepares, tunes and launches) and each rank it starts (commands/rank.py). A user's own
@@ -22,14 +23,17 @@ import os
 import sys
 import time
 
+from phalanx.commands.args import did_you_mean, run_command
 from phalanx.commands.outcome import run_entry, run_reporting_errors
+from phalanx.errors import ConfigError
 
 _LOADED_AT = time.time()  # before torch is imported: where a `--budget` starts without /proc (budget.mark_entry)
 
 USAGE = __doc__.split("\n\n", 2)[1]
 
 COMMANDS = {"train": "train", "tune": "train", "eval": "evaluate", "predict": "evaluate", "data": "data",
-            "models": "models", "bench": "bench", "export": "export", "doctor": "doctor", "report": "report"}
+            "models": "models", "bench": "bench", "export": "export", "doctor": "doctor", "report": "report",
+            "slurm": "slurm"}
 """Command name -> the module of phalanx.commands that runs it (its `COMMANDS[name]`): imported when used, so
 that a command pays for its own imports only (the tools' matplotlib, onnx, torchvision's model zoo...)."""
 
@@ -53,12 +57,15 @@ def _started_by_torchrun() -> bool:
 
 
 def _dispatch(argv: list[str]) -> int:
-    from phalanx.commands.args import did_you_mean, run_command
-    from phalanx.errors import ConfigError
     module = COMMANDS.get(argv[0])
     if module is None:
         raise ConfigError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(COMMANDS))}; "
                           f"commands: {', '.join(COMMANDS)}")
+    if argv[0] in ("train", "eval"):
+        # One process whose environment holds a launcher's variables (a manual env:// launch, or values a shell
+        # or a wrapper left): values no launcher sets are one line now, not a traceback after the data is ready.
+        from phalanx.runtime.dist import launch_vars
+        launch_vars(os.environ)
     command = importlib.import_module(f"phalanx.commands.{module}").COMMANDS[argv[0]]
     if callable(command):  # a command group (data, bench): it parses its own sub-command
         return command(argv[1:])

@@ -21,6 +21,7 @@ from typing import Any
 
 from phalanx import config as C
 from phalanx.errors import ConfigError
+from phalanx.paths import check_path
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Option:
     """As typed, without the dashes: `top`, `skip-bad`. Its value is the attribute with `-` read as `_`."""
     help: str
     type: Callable[[str], Any] = str
-    """int, float, str or Path: how the typed text becomes the value."""
+    """int, float, str or Path: how the typed text becomes the value (a Path goes through paths.check_path)."""
     default: Any = None
     choices: tuple = ()
     flag: bool = False
@@ -57,7 +58,7 @@ class Option:
         else:
             if raw == "":
                 raise ConfigError(f"--{self.name} needs a value (phalanx {command} --help)")
-            value = self.type(raw)
+            value = check_path(raw, f"--{self.name}") if self.type is Path else self.type(raw)
         if self.choices and value not in self.choices:
             raise ConfigError(f"--{self.name} {raw}: choose one of {', '.join(map(str, self.choices))}")
         if self.minimum is not None and value < self.minimum:
@@ -77,6 +78,8 @@ class Spec:
     options: tuple[Option, ...] = ()
     positionals: tuple[int, int | None] = (0, 0)
     """How many positional arguments: (at least, at most; None: no limit)."""
+    paths: bool = False
+    """The positional arguments are files or folders: each goes through paths.check_path."""
     config: bool = False
     """Also takes every field of the training config (and --recipe): train, eval, tune."""
     passthrough: bool = False
@@ -161,15 +164,14 @@ def parse(command: str, spec: Spec, argv: Sequence[str]) -> Parsed:
                         val, i = argv[i], i + 1
                     else:
                         val = "true"
-                if key == "recipe":
-                    out.recipe = val
-                else:
-                    out.pairs.append((CONFIG_SHORTCUTS.get(key, key), val))
+                _config_value(out, key, val)
             else:
                 raise ConfigError(f"unknown option --{key} for `phalanx {command}`"
                                   f"{did_you_mean('--' + key, ['--' + o.name for o in spec.options])} "
                                   f"(phalanx {command} --help)")
         else:
+            if spec.paths:
+                check_path(a)
             out.positional.append(a)
     least, most = spec.positionals
     if most is not None and len(out.positional) > most and not out.help:
@@ -177,6 +179,26 @@ def parse(command: str, spec: Spec, argv: Sequence[str]) -> Parsed:
         raise ConfigError(f"unexpected argument {extra!r} for `phalanx {command}`"
                           + (" (options look like --optim.lr=0.1)" if spec.config else f" (phalanx {command} --help)"))
     return out
+
+
+def _config_value(out: Parsed, key: str, val: str) -> None:
+    """`--recipe R` or a config field's `--KEY VALUE`; a path goes through paths.check_path first, before anything
+    looks up a name too long or a link loop (an OSError from deep inside)."""
+    if key == "recipe" or _names_a_path(CONFIG_SHORTCUTS.get(key, key)):
+        check_path(val, f"--{key}", f"choose another --{key}")
+    if key == "recipe":
+        out.recipe = val
+    else:
+        out.pairs.append((CONFIG_SHORTCUTS.get(key, key), val))
+
+
+def _names_a_path(key: str) -> bool:
+    """`key` is a config field that names a file or folder (config.PATH_KEYS); an unknown key is left to
+    `config.build_config`, which says so with a did-you-mean hint."""
+    try:
+        return C.canonical_key(key) in C.PATH_KEYS
+    except ConfigError:
+        return False
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:

@@ -9,16 +9,22 @@ from phalanx.tools import bench
 
 def _scaling(p: Parsed) -> int:
     v = p.values
+    bench.check_ranks("--max-world", v.max_world)
     return bench.scaling(v.max_world, v.steps, v.global_batch, v.json, p.extra)
 
 
 def _flops(p: Parsed) -> int:
-    bench.flops(**vars(p.values))
+    v = p.values
+    bench.check_model_args(v.model, v.width, v.size, v.channels)  # before the timing, not in a traceback
+    bench.flops(**vars(v))
     return 0
 
 
 def _step(p: Parsed) -> int:
-    return bench.step(**vars(p.values))
+    v = p.values
+    bench.check_ranks("--nproc", v.nproc)
+    bench.check_model_args(v.model, v.width)  # step_split times 28x28x1 images
+    return bench.step(**vars(v))
 
 
 def _loader(p: Parsed) -> int:

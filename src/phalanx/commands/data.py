@@ -58,13 +58,13 @@ prepare leaves no store behind. OUT is created (replaced if it holds another sto
                         Option("skip-bad", "leave out unreadable or corrupt files and list them in the manifest "
                                "(default: stop and list every one of them)", flag=True),
                         Option("no-progress", "no progress bar", flag=True)),
-               positionals=(2, 2),
+               positionals=(2, 2), paths=True,
                epilog="example: phalanx data prepare ~/photos ~/stores/photos-64 --size 64 --skip-bad")
 INFO = Spec("phalanx data info STORE [--json]", "Print what a prepared store holds: source, shape, classes, split "
             "sizes, mean/std, skipped files.", options=(Option("json", "print the whole manifest as JSON", flag=True),),
-            positionals=(1, 1))
+            positionals=(1, 1), paths=True)
 VERIFY = Spec("phalanx data verify STORE", "Recompute the SHA-256 of every array file and compare with the manifest.",
-              positionals=(1, 1))
+              positionals=(1, 1), paths=True)
 
 SUBCOMMANDS = {"prepare": Command(PREPARE, prepare_store), "info": Command(INFO, info),
                "verify": Command(VERIFY, verify)}

@@ -35,7 +35,7 @@ EVAL = Spec("phalanx eval RUN_DIR|WEIGHTS.safetensors [--data X] [--nproc N] [--
             "Evaluate saved weights on the test split of --data (default: the data the run trained on). Prints "
             "accuracy and loss as JSON; identical for any --nproc.\nEvery `phalanx train` option applies (see "
             "`phalanx train --help`), e.g. --precision, --threads_per_rank, --parallel.*.",
-            positionals=(1, 1), config=True)
+            positionals=(1, 1), config=True, paths=True)
 
 PREDICT = Spec("phalanx predict RUN_DIR|WEIGHTS IMAGE|FOLDER... [--top 3] [--format table|csv|json] [--batch 64]",
                "Classify image files (PNG, JPEG, ...) with saved weights, preprocessed as the training data was\n"
@@ -44,6 +44,6 @@ PREDICT = Spec("phalanx predict RUN_DIR|WEIGHTS IMAGE|FOLDER... [--top 3] [--for
                         Option("format", "table, csv (one row per image: file,top1,p1,...) or json (one object "
                                "per line)", str, "table", choices=("table", "csv", "json")),
                         Option("batch", "images per forward pass", int, 64, minimum=1)),
-               positionals=(2, None))
+               positionals=(2, None), paths=True)
 
 COMMANDS = {"eval": Command(EVAL, evaluate), "predict": Command(PREDICT, predict)}

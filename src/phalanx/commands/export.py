@@ -35,9 +35,10 @@ largest logit difference is printed and must be within 1e-4 x the largest |logit
               options=(Option("format", "torchscript (torch.jit.load), onnx (onnxruntime; pip install "
                               "phalanx[export]), or safetensors (state_dict + metadata; "
                               "phalanx.tools.export.load_safetensors_export)", choices=X.FORMATS),
-                       Option("out", "default RUN_DIR/export/model.pt|.onnx|.safetensors", metavar="PATH"),
+                       Option("out", "default RUN_DIR/export/model.pt|.onnx|.safetensors; never the run's own "
+                              "files nor another file that is not an export", Path, metavar="PATH"),
                        Option("input", "the input type of an ONNX graph, which has exactly one", default="uint8",
                               choices=("uint8", "float"))),
-              positionals=(1, None))
+              positionals=(1, None), paths=True)
 
 COMMANDS = {"export": Command(EXPORT, export)}

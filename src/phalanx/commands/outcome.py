@@ -6,29 +6,36 @@ import os
 import sys
 from collections.abc import Callable
 
+from phalanx.errors import CheckpointError, ConfigError, DataError
 
-def run_reporting_errors(body: Callable[[], int]) -> int:
+
+def run_reporting_errors(body: Callable[[], int], say: Callable[[str], None] | None = None) -> int:
     """Run a command's body; a user's mistake becomes one `phalanx: error:` line (ConfigError: exit 2; data or
-    checkpoint: exit 1), Ctrl-C exit 130."""
-    from phalanx.errors import CheckpointError, ConfigError, DataError
+    checkpoint: exit 1), Ctrl-C exit 130. `say(line)` delivers the line (default: printed on stderr); a rank
+    hands it to its launcher instead, which prints the first failing rank's line once (commands/rank.py)."""
+    say = say or _print
     try:
         return body()
     except ConfigError as e:
-        print(f"phalanx: error: {e}", file=sys.stderr)
+        say(f"phalanx: error: {e}")
         return 2
     except (DataError, CheckpointError) as e:
-        print(f"phalanx: error: {e}", file=sys.stderr)
+        say(f"phalanx: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("phalanx: interrupted", file=sys.stderr)
+        say("phalanx: interrupted")
         return 130
+
+
+def _print(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def run_entry(body: Callable[[list[str]], int], loaded_at: float) -> None:
     """A process's entry point (`phalanx`, `python -m phalanx`, a spawned rank): `body(sys.argv[1:])`, then
     `leave`. `loaded_at`: when the entry's module was imported, before torch (where a `--budget` starts
     without /proc)."""
-    from phalanx.train.budget import mark_entry
+    from phalanx.train.budget import mark_entry  # imports torch: after the entry module stamped its load time
     mark_entry(loaded_at)  # a `--budget` counts from the command's start, `import torch` included
     from torch.distributed.elastic.multiprocessing.errors import record
     # `record` writes this rank's traceback where the elastic agent reports it as the root cause.

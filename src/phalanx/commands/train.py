@@ -14,16 +14,18 @@ from pathlib import Path
 from phalanx import config as C
 from phalanx.commands import rank
 from phalanx.commands.args import Command, Parsed, Spec
-from phalanx.data.mix import mix_layout_error, world_fits
+from phalanx.data.mix import world_error, world_fits
 from phalanx.data.sources import cache_dir, open_on_node
 from phalanx.errors import ConfigError
+from phalanx.paths import launcher_run_dir, locked_run_dir
 from phalanx.runtime import dist as penv
+from phalanx.runtime import slurm
 from phalanx.runtime.launch import check_layout, launch, resolve_nproc
 from phalanx.tools import tune
 from phalanx.tools.checks import checked_config
 from phalanx.train.budget import TUNED_RATE_ENV, command_start
 from phalanx.train.checkpoint import find_latest
-from phalanx.train.setup import check_data
+from phalanx.train.setup import check_data, run_dir_for
 
 TRAIN_ABOUT = """Train a classifier. Values come from the defaults, then the recipe (default: fashion_mnist),
 then the command line. A leaf name alone works when unambiguous (--lr means --optim.lr).
@@ -55,8 +57,58 @@ def train(p: Parsed) -> int:
     command_start(new=True)  # --budget counts from here; the ranks this process starts inherit it
     os.environ.pop(TUNED_RATE_ENV, None)  # set again below only by this command's own tuning
     cfg = rank.train_config(p)  # ConfigError / DataError: one line before anything is written
-    refuse_impossible_layout(cfg)
     argv = list(p.argv)
+    alloc = slurm.detect()
+    if alloc is not None and join_slurm(cfg, alloc, p.explicit_keys(), argv) == "rank":
+        # SLURM started this task as one rank of the job (srun -n N): it runs as under a user's torchrun.
+        code = rank.main(["train", *argv])
+        return requeue_unless_finished(alloc, Path(cfg.run_dir) if cfg.run_dir else None, code)
+    refuse_impossible_layout(cfg)
+    # One run directory for all ranks and all elastic restarts (restarted groups resume from it), locked from
+    # here: a second `phalanx train` in it is refused before it prepares, tunes or writes anything.
+    run_dir = run_dir_for(cfg)
+    if not cfg.run_dir:  # ranks in other processes are told by their argv; one rank here, through LOCK_ENV
+        argv.append(f"--run_dir={run_dir}")
+    where = "--run_dir" if "run_dir" in p.explicit_keys() else "--resume" if cfg.ckpt.resume else "--out_dir"
+    # Several nodes sharing the folder have no one launcher to hold the lock (their rank 0 may be anywhere).
+    with locked_run_dir(run_dir, where, hold=cfg.parallel.nnodes == 1):
+        code = _prepare_and_launch(cfg, p, argv)
+    return requeue_unless_finished(alloc, run_dir, code) if alloc is not None else code
+
+
+def join_slurm(cfg: C.Config, alloc: slurm.Allocation, explicit: set[str], argv: list[str]) -> str:
+    """Inside a SLURM allocation: 'node' (this task is its node's launcher; the nodes, this node's rank and the
+    rendezvous come from SLURM unless given, and are handed on to the ranks in `argv`) or 'rank' (this task is
+    one rank; the torchrun variables are set from SLURM's). One ConfigError line for an allocation of neither."""
+    layout = slurm.check_layout(alloc, cfg.parallel.nproc)
+    if layout == "rank":
+        os.environ.update(slurm.rank_environment(alloc))
+        return layout
+    pc = cfg.parallel
+    if len(alloc.nodes) > 1 and not explicit & {"parallel.nnodes", "parallel.rdzv_endpoint", "parallel.node_rank"}:
+        pc.nnodes, pc.node_rank, pc.rdzv_endpoint, pc.rdzv_id = (len(alloc.nodes), alloc.node_id, alloc.endpoint,
+                                                                 alloc.rdzv_id)
+        argv += [f"--parallel.nnodes={pc.nnodes}", f"--parallel.node_rank={pc.node_rank}",
+                 f"--parallel.rdzv_endpoint={pc.rdzv_endpoint}", f"--parallel.rdzv_id={pc.rdzv_id}"]
+    return layout
+
+
+def requeue_unless_finished(alloc: slurm.Allocation, run_dir: Path | None, code: int) -> int:
+    """After a run stopped for a signal (SLURM's USR1 before the time limit, a preemption) with its checkpoint
+    written: the job is requeued, by its first task, so that it comes back and resumes. A finished run (its
+    final weights are written) or a failed one is not."""
+    stopped_early = (code == 0 and run_dir is not None and not (run_dir / "model.safetensors").exists()
+                     and find_latest(run_dir) is not None)
+    if stopped_early and alloc.proc_id == 0:
+        # The requeue ends this job at once, with a SIGTERM to its steps, and this process has only its exit left:
+        # that SIGTERM must not become a traceback from a handler of the elastic agent's.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(slurm.requeue(alloc), flush=True)
+    return code
+
+
+def _prepare_and_launch(cfg: C.Config, p: Parsed, argv: list[str]) -> int:
+    """Prepare the store and tune (both once, here), then start the ranks."""
     if not cfg.data.stream:
         # Prepared here, once, before any rank starts (ranks then map it): data a run cannot use (one
         # class, no test split, fewer images than the global batch) is one line, not one per rank.
@@ -89,20 +141,15 @@ def run_ranks(sub: str, cfg: C.Config, argv: list[str], target: Path | None = No
     fits = world_fits(cfg) if sub == "train" else None
     nproc, why = resolve_nproc(cfg.parallel, cfg.device, cfg.global_batch // cfg.grad_accum, fits)
     # Here, once, rather than from every rank (each would print it inside the elastic agent's report).
-    if fits is not None and (why_not := mix_layout_error(cfg.global_batch, cfg.grad_accum,
-                                                         nproc * cfg.parallel.nnodes)):
+    if fits is not None and (why_not := world_error(cfg, nproc * cfg.parallel.nnodes)):
         raise ConfigError(why_not)
     if nproc == 1 and cfg.parallel.nnodes == 1:
         return rank.run(sub, cfg, target)
     threads = penv.threads_per_rank(cfg.parallel, nproc)
     print(f"phalanx: launching {nproc} rank(s) x {threads} thread(s) per node on {cfg.parallel.nnodes} node(s) "
           f"({why})", flush=True)
-    rank_argv = [sub] + list(argv)  # eval's argv holds its TARGET
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-    if sub == "train" and not cfg.run_dir:
-        # One run directory for all ranks and all elastic restarts: restarted groups resume from it.
-        run_dir = Path(cfg.ckpt.resume or cfg.default_run_dir())
-        rank_argv.append(f"--run_dir={run_dir}")
+    rank_argv = [sub] + list(argv)  # eval's argv holds its TARGET; train's its --run_dir (train() adds it)
+    run_dir = launcher_run_dir() if sub == "train" else Path(cfg.run_dir) if cfg.run_dir else None
     return launch(cfg.parallel, nproc, threads, rank.main, rank_argv, run_dir, cfg.device,
                   on_stop=lambda sig: stopped(sig, run_dir))
 

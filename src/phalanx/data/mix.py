@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from phalanx.config import invariant_world_error
 from phalanx.data.geometry import box_mask
 from phalanx.data.sampler import shard_bounds
 
@@ -36,11 +37,27 @@ def mix_layout_error(global_batch: int, accum: int, world: int) -> str | None:
 
 
 def world_fits(cfg) -> Callable[[int], bool] | None:
-    """With the run's (`cfg`, a Config) mixup or CutMix on, whether a world size keeps their pairs whole on each
-    rank; None when both are off."""
-    if not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
+    """Whether the run (`cfg`, a Config) can use a world size: with mixup or CutMix, their pairs whole on each
+    rank; with --parallel.invariant, the micro-batches shared equally. None when every world size can."""
+    mix = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
+    invariant = cfg.parallel.invariant
+    if not (mix or invariant):
         return None
-    return lambda world: mix_layout_error(cfg.global_batch, cfg.grad_accum, world) is None
+
+    def fits(world: int) -> bool:
+        if invariant and invariant_world_error(cfg.global_batch, cfg.parallel.micro_batch, world):
+            return False
+        return not mix or mix_layout_error(cfg.global_batch, cfg.grad_accum, world) is None
+    return fits
+
+
+def world_error(cfg, world: int) -> str | None:
+    """Why the run cannot use `world` ranks (the check `world_fits` makes, as one line), or None."""
+    if cfg.parallel.invariant and (why := invariant_world_error(cfg.global_batch, cfg.parallel.micro_batch, world)):
+        return why
+    if cfg.augment.mixup > 0 or cfg.augment.cutmix > 0:
+        return mix_layout_error(cfg.global_batch, cfg.grad_accum, world)
+    return None
 
 
 def draw_mix(rng: np.random.Generator, g: torch.Generator, batch: int, h: int, w: int, mixup: float,

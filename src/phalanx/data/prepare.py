@@ -34,8 +34,9 @@ import numpy as np
 from phalanx.data import imageio
 from phalanx.data.idx import find_idx_files, read_idx_pair
 from phalanx.data.imageio import IMAGE_EXTENSIONS, decode_to_uint8, fit, is_image_file, probe
-from phalanx.data.store import StoreWriter, is_store, open_store
+from phalanx.data.store import MANIFEST, StoreWriter, is_store, open_store, read_manifest
 from phalanx.errors import ConfigError, DataError, DecodeError
+from phalanx.paths import check_destination, check_path, inside
 from phalanx.runtime.cpu import PROCESSES_PER_CORE, max_processes, usable_cores
 
 DEFAULT_SIZE = 64          # side of the images when they do not all share one square size
@@ -670,6 +671,8 @@ def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int
         raise ConfigError(f"--workers {workers}: more decoding processes than this machine can run usefully (at "
                           f"most {most}: {PROCESSES_PER_CORE} per usable core, within the open-file limit); leave "
                           f"--workers out for one per core")
+    check_path(src)
+    check_destination(out, fix="choose another output folder", folder=True)
     if not src.exists():
         raise DataError(f"{src}: no such file or folder")
     kind = detect_kind(src)
@@ -677,12 +680,7 @@ def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int
         raise DataError(f"{src}: is already a prepared store; train on it with --data {src}")
     if not src.is_dir():
         raise DataError(f"{src}: not a folder (unpack archives first, e.g. `tar xzf cifar-10-binary.tar.gz`)")
-    rs, ro = src.resolve(), out.resolve()
-    if ro == rs or rs in ro.parents:
-        raise DataError(f"{out}: the store must not be written inside its source folder {src}")
-    if out.exists() and not is_store(out) and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a prepared store; choose another output folder "
-                        f"(a store replaces what is there)")
+    _check_out(src, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if kind == "idx":
         return _prepare_idx(src, out, size, channels)
@@ -692,6 +690,36 @@ def prepare(src: Path, out: Path, size: int = 0, channels: int = 0, workers: int
         return _prepare_imagefolder(src, out, size, channels, workers, skip_bad, progress)
     raise DataError(f"{src}: not an idx folder, CIFAR binaries or an ImageFolder (one sub-folder of images per "
                     f"class, or train/ and val/ or test/ folders of those)")
+
+
+def _check_out(src: Path, out: Path) -> None:
+    """DataError unless the store may be written at `out`: writing it replaces what `out` holds, so `out` is
+    new, empty, or a store holding nothing but its own files, and neither inside `src` nor holding it."""
+    if inside(out, src):
+        raise DataError(f"{out}: the store must not be written inside its source folder {src}")
+    if inside(src, out):  # writing the store replaces OUT, and with it the source inside
+        raise DataError(f"{out}: holds the source folder {src}, and a store replaces what its folder holds; choose "
+                        f"an output folder that does not hold {src} (a new folder beside it)")
+    if out.exists() and not is_store(out) and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not a prepared store; choose another output folder "
+                        f"(a store replaces what is there)")
+    if (extra := _not_of_the_store(out)) is not None:
+        raise DataError(f"{out}: a prepared store that also holds {extra.name!r}, which a new store would delete; "
+                        f"move it out, or choose another output folder")
+
+
+def _not_of_the_store(out: Path) -> Path | None:
+    """A file or folder in the store `out` that its manifest does not list (the user's: a store is replaced
+    whole), or None."""
+    if not is_store(out):
+        return None
+    try:
+        splits = read_manifest(out).get("splits", {})
+    except (OSError, ValueError):  # a store whose manifest is unreadable is replaced, as an incomplete one
+        return None
+    listed = {MANIFEST} | {info.get(k) for info in splits.values() if isinstance(info, dict)
+                           for k in ("images", "labels")}
+    return next((e for e in sorted(out.iterdir()) if e.name not in listed), None)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -15,11 +15,15 @@ from pathlib import Path
 from phalanx.data.idx import find_idx_files
 from phalanx.data.prepare import detect_kind, file_stamp, fingerprint, prepare
 from phalanx.data.store import Store, is_store, open_store
-from phalanx.errors import DataError
+from phalanx.errors import DataChoiceError, DataError
 from phalanx.parallel.collectives import barrier
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
+
+
+BUILTIN_NAMES = ("fashion_mnist", "fashion-mnist")
+"""The names `--data` takes for the built-in Fashion-MNIST."""
 
 
 def cache_dir(configured: str = "") -> Path:
@@ -99,7 +103,7 @@ def store_path_for(data_path: str, cache_configured: str = "", auto_install: boo
     as its own store. Idx files and prepared stores are used as they are.
     """
     cache = cache_dir(cache_configured)
-    builtin = data_path in ("fashion_mnist", "fashion-mnist")
+    builtin = data_path in BUILTIN_NAMES
     p = Path(data_path).expanduser()
     if not builtin and not p.exists():
         raise DataError(f"--data {data_path}: no such file or folder (use `fashion_mnist`, a prepared store, "
@@ -108,8 +112,8 @@ def store_path_for(data_path: str, cache_configured: str = "", auto_install: boo
     if kind in ("store", "idx") and (size or channels):
         what = f"--data.size {size}" if size else f"--data.channels {channels}"
         fixed = "a prepared store" if kind == "store" else "a folder of idx files"
-        raise DataError(f"{what}: --data {data_path} is {fixed}, used at its own size and channels; "
-                        f"leave out --data.size and --data.channels")
+        raise DataChoiceError(f"{what}: --data {data_path} is {fixed}, used at its own size and channels; "
+                              f"leave out --data.size and --data.channels")
     if builtin:
         folder = find_fashion_mnist(auto_install, cache)
         return cache / "stores" / f"fashion_mnist-{_cache_key(folder)}", folder

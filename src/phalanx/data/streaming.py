@@ -40,7 +40,7 @@ from phalanx.data.loader import Batch, augmented, check_mix_layout
 from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import channel_stats
-from phalanx.errors import DataError
+from phalanx.errors import DataChoiceError, DataError
 from phalanx.parallel.collectives import broadcast_object
 from phalanx.runtime.cpu import usable_cores
 
@@ -264,8 +264,8 @@ def stream_root(data_path: str) -> Path:
     kind = detect_kind(p)
     if kind != "imagefolder":
         what = f"{kind} binaries" if kind in ("cifar10", "cifar100") else "not an ImageFolder"
-        raise DataError(f"--data {data_path}: --data.stream reads an ImageFolder (one sub-folder of images per "
-                        f"class); this is {what}: train on it without --data.stream")
+        raise DataChoiceError(f"--data {data_path}: --data.stream reads an ImageFolder (one sub-folder of images "
+                              f"per class); this is {what}: train on it without --data.stream")
     return p
 
 

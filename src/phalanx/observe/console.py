@@ -250,10 +250,17 @@ def summary_table(summary: dict, weights: Path) -> str:
     return "\n".join(["run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
+def _one_cell(text) -> str:
+    """`text` for one cell of a table row: a control character (a newline or a tab in a folder's name) escaped
+    as Python writes it (`\\n`, `\\t`, `\\x1b`), so that a row stays one line with its columns in place."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def prediction_writer(fmt: str, top: int, files: list, classes: list[str]):
     """A function printing one prediction row ({'file', 'top': [{'class', 'p'}]}) per call as a table,
     CSV (file,top1,p1,top2,p2,...) or JSON lines. The table's and the CSV's header comes with the first
-    row, so a first image that cannot be decoded leaves only its error line."""
+    row, so a first image that cannot be decoded leaves only its error line. The table escapes control
+    characters in file and class names (CSV quotes them, JSON escapes them)."""
     if fmt == "json":
         return lambda row: print(json.dumps(row), flush=True)
     if fmt == "csv":
@@ -265,12 +272,13 @@ def prediction_writer(fmt: str, top: int, files: list, classes: list[str]):
             return [row["file"]] + [v for t in row["top"] for v in (t["class"], t["p"])]
     else:
         emit = print
-        fw = max([len("file")] + [len(str(f)) for f in files])
-        cw = max([len(f"top-{top}")] + [len(c) for c in classes])
+        fw = max([len("file")] + [len(_one_cell(f)) for f in files])
+        cw = max([len(f"top-{top}")] + [len(_one_cell(c)) for c in classes])
         header = f"{'file':<{fw}}" + "".join(f"  {f'top-{i}':<{cw}} {'p':>6}" for i in range(1, top + 1))
 
         def line(row: dict) -> str:
-            return f"{row['file']:<{fw}}" + "".join(f"  {t['class']:<{cw}} {t['p']:6.4f}" for t in row["top"])
+            return f"{_one_cell(row['file']):<{fw}}" + "".join(f"  {_one_cell(t['class']):<{cw}} {t['p']:6.4f}"
+                                                               for t in row["top"])
     started = []
 
     def write(row: dict) -> None:

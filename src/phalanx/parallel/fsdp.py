@@ -37,6 +37,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from phalanx.config import Config
 from phalanx.errors import CheckpointError, ConfigError
+from phalanx.models.cnn import MnistNet, PhalanxCNN, PhalanxResNet
+from phalanx.models.tv import _RepeatChannels
 from phalanx.parallel.collectives import average_across_ranks, norm_statistics
 from phalanx.parallel.model_state import averaged_model, check_fits, local_bytes, optim_state_by_name
 from phalanx.runtime.dist import DistEnv
@@ -60,9 +62,6 @@ def shard_units(model: nn.Module) -> tuple[list[nn.Module], str]:
     from torchvision.models.mobilenetv3 import InvertedResidual
     from torchvision.models.regnet import ResBottleneckBlock
     from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    from phalanx.models.cnn import MnistNet, PhalanxCNN, PhalanxResNet
-    from phalanx.models.tv import _RepeatChannels
 
     net = model.net if isinstance(model, _RepeatChannels) else model
     if isinstance(net, PhalanxCNN):  # stem, then each conv-norm-activation block

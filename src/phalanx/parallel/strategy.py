@@ -53,11 +53,14 @@ class Strategy(Protocol):
 
 
 def build_strategy(cfg, env) -> Strategy:
-    """The strategy `--parallel.strategy` names."""
+    """The strategy `--parallel.strategy` names (DDP with a fixed-order gradient sum under `--parallel.invariant`)."""
     # Imported here, not above: fsdp.py imports FSDP2 and DCP's state-dict API (~0.3 s), which a DDP run and
     # the launcher never use.
     if cfg.parallel.strategy == "fsdp":
-        from phalanx.parallel.fsdp import FSDPStrategy
+        from phalanx.parallel.fsdp import FSDPStrategy  # imported here: see above
         return FSDPStrategy(cfg, env)
-    from phalanx.parallel.ddp import DDPStrategy
+    if cfg.parallel.invariant:
+        from phalanx.parallel.invariant import InvariantDDPStrategy  # here: as DDP's, only where it is used
+        return InvariantDDPStrategy(cfg, env)
+    from phalanx.parallel.ddp import DDPStrategy  # here too, beside the others
     return DDPStrategy(cfg, env)

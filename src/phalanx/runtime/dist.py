@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from phalanx import runtime
 from phalanx.config import ParallelConfig
 from phalanx.errors import ConfigError
+from phalanx.runtime import stores
 from phalanx.runtime.cpu import usable_cores
 
 
@@ -48,6 +49,71 @@ def keep_freed_memory() -> bool:
 def is_worker() -> bool:
     """True inside a process started by torchrun / the elastic agent."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR",
+               "MASTER_PORT")
+"""The variables a launcher sets for each rank (torchrun, the elastic agent, a scheduler's own wrapper)."""
+
+_MOST_RANKS = 1 << 24  # more ranks than any cluster has: a value this large is a typo or garbage
+
+
+@dataclass(frozen=True)
+class LaunchVars:
+    """Where this process is in the run, as the launcher's variables say (defaults: one process)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    restart: int = 0
+    master_addr: str = ""
+    master_port: int | None = None
+
+
+def launch_vars(environ: Mapping[str, str]) -> LaunchVars:
+    """LAUNCH_VARS from `environ`, checked: a value no launcher would set is one ConfigError line naming the
+    variable, its value and the fix, never int()'s traceback or a process group that waits for ever."""
+    fix = ("a launcher (torchrun, `phalanx train --nproc N`, a scheduler) sets these; unset it to run one "
+           "process, or let the launcher set it")
+
+    def count(name: str, default: int, least: int) -> int:
+        raw = environ.get(name)
+        if raw is None:
+            return default
+        value = raw.strip()
+        if not (value.isdecimal() and len(value) <= 9 and least <= int(value) <= _MOST_RANKS):
+            raise ConfigError(f"{name}={raw[:40]!r} in the environment: must be a whole number from {least} to "
+                              f"{_MOST_RANKS}; {fix}")
+        return int(value)
+
+    world = count("WORLD_SIZE", 1, 1)
+    rank = count("RANK", 0, 0)
+    local_world = count("LOCAL_WORLD_SIZE", 1, 1)
+    local_rank = count("LOCAL_RANK", 0, 0)
+    restart = count("TORCHELASTIC_RESTART_COUNT", 0, 0)
+    if rank >= world:
+        raise ConfigError(f"RANK={rank} in the environment: must be below WORLD_SIZE={world} (ranks count from 0); "
+                          f"{fix}")
+    if "LOCAL_WORLD_SIZE" in environ and local_rank >= local_world:
+        raise ConfigError(f"LOCAL_RANK={local_rank} in the environment: must be below LOCAL_WORLD_SIZE="
+                          f"{local_world}; {fix}")
+    if "WORLD_SIZE" in environ and local_world > world:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={local_world} in the environment: more ranks on this node than "
+                          f"WORLD_SIZE={world} in all; {fix}")
+    addr, port = environ.get("MASTER_ADDR", "").strip(), None
+    if world > 1:  # joining a process group: rank 0's address and port must be known, or init waits for ever
+        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(n, "").strip()]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={world} and RANK={rank} are set in the environment but "
+                              f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: a launcher sets "
+                              f"them all; start the ranks with `phalanx train --nproc N` or torchrun, or unset "
+                              f"RANK and WORLD_SIZE to run one process")
+        raw = environ["MASTER_PORT"]
+        if not (raw.strip().isdecimal() and len(raw.strip()) <= 5 and 1 <= int(raw) <= 65535):
+            raise ConfigError(f"MASTER_PORT={raw[:40]!r} in the environment: must be a TCP port from 1 to 65535 "
+                              f"(rank 0's process-group store); {fix}")
+        port = int(raw)
+    return LaunchVars(rank, world, local_rank, local_world, restart, addr, port)
 
 
 @dataclass
@@ -86,12 +152,9 @@ class DistEnv:
 
 def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
     """Bind the device, set CPU threads and join the process group (when there is more than one rank)."""
+    v = launch_vars(os.environ)
     e = DistEnv(
-        rank=int(os.environ.get("RANK", 0)),
-        world=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        rank=v.rank, world=v.world, local_rank=v.local_rank, local_world=v.local_world, restart=v.restart,
         error_file=os.environ.get("TORCHELASTIC_ERROR_FILE", ""),
         store_on_rank0=os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True",
     )
@@ -146,7 +209,6 @@ def serve_process_group_store(master_addr: str, master_port: str):
     """
     if not master_addr or not master_port.isdigit():
         return None
-    from phalanx.runtime import stores
     try:
         return stores.serve(stores.resolve(master_addr), int(master_port))
     except OSError:  # not this machine's address, or taken: torch's own server reports it as before
@@ -199,7 +261,6 @@ def unanswered_ranks(env: DistEnv, window_s: float = ANSWER_WINDOW_S) -> list[in
     the same time (they waited the same timeout), a stalled one never does. None when the store
     itself does not answer (its host stalled too) or cannot be asked.
     """
-    from phalanx.runtime import stores
 
     def ask() -> list[int]:
         store = dist.distributed_c10d._get_default_store()
@@ -214,18 +275,6 @@ def unanswered_ranks(env: DistEnv, window_s: float = ANSWER_WINDOW_S) -> list[in
 
     done, value = stores.call_within(ask, window_s + 2)
     return value if done else None
-
-
-def record_failure(env: DistEnv, message: str) -> None:
-    """Leave `message` where the elastic agent reads this rank's failure: its report shows it, and
-    `phalanx train --nproc` prints it as the run's last line."""
-    if not env.error_file:
-        return
-    try:
-        with open(env.error_file, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
-    except OSError:
-        pass
 
 
 def teardown() -> None:

@@ -8,14 +8,19 @@ rank runs is the caller's: `launch` is handed the rank entry and never imports t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from phalanx import runtime
 from phalanx.config import ParallelConfig
+from phalanx.errors import ConfigError
+from phalanx.runtime import stores
+from phalanx.runtime.dist import check_ranks_fit, resolve_backend
 
 
 def resolve_nproc(pcfg: ParallelConfig, device_pref: str, global_batch: int = 512,
@@ -42,8 +47,11 @@ def launcher_argv(pcfg: ParallelConfig, nproc: int, module: str = "phalanx.comma
     if pcfg.nnodes == 1 and not pcfg.rdzv_endpoint:
         argv += ["--standalone"]
     else:
+        # The rendezvous waits for the other nodes as long as the process group waits for its ranks (torch's
+        # own default is 600 s, whatever --parallel.init_timeout_s says).
         argv += ["--nnodes", str(pcfg.nnodes), "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", pcfg.rdzv_endpoint or "127.0.0.1:29400", "--rdzv-id", pcfg.rdzv_id]
+                 "--rdzv-endpoint", pcfg.rdzv_endpoint or "127.0.0.1:29400", "--rdzv-id", pcfg.rdzv_id,
+                 "--rdzv-conf", f"join_timeout={max(1, math.ceil(pcfg.init_timeout_s))}"]
         if pcfg.node_rank >= 0:
             argv += ["--node-rank", str(pcfg.node_rank)]
     return argv + ["-m", module]
@@ -64,7 +72,17 @@ def _forked_rank(entry: RankEntry, *argv: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    code = entry(list(argv))
+    from torch.distributed.elastic.multiprocessing.errors import record
+    try:
+        # `record` leaves the exception for the agent, as a spawned rank's entry (commands/outcome.run_entry) does.
+        code = record(entry)(list(argv))
+    except Exception:
+        # torch's fork wrapper would hand the traceback to the agent, whose report of it `launch` silences:
+        # print it here, as a spawned rank's interpreter does.
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     if code:
         raise SystemExit(code)
     leave_after_return(RETURN_GRACE_S)
@@ -110,9 +128,6 @@ def bind_rendezvous(args, pcfg: ParallelConfig):
 
     from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-    from phalanx.errors import ConfigError
-    from phalanx.runtime import stores
-
     endpoint = args.rdzv_endpoint
     field = f"--parallel.rdzv_endpoint {endpoint}" if pcfg.rdzv_endpoint else f"rendezvous endpoint {endpoint}"
     try:
@@ -144,15 +159,89 @@ def bind_rendezvous(args, pcfg: ParallelConfig):
     return server
 
 
-def failure_line(e, run_dir=None) -> str:
-    """One line naming the rank that failed: its own diagnosis where it left one (a rank that waited on a
-    stalled peer names that peer), else the first rank the agent saw fail, and how."""
-    rank, failure = e.get_first_failure()
-    if isinstance(failure.message, str) and failure.message.startswith("phalanx: "):
-        return failure.message
+LAUNCHER_ENV = "PHALANX_LAUNCHER"
+"""Set in the ranks that `launch` starts. Their launcher prints the first failing rank's line once, so a rank
+leaves its line for it (`tell_from_rank`) instead of printing it too; under a user's own torchrun, whose
+agent prints no such line, each rank prints its own."""
+
+
+def tell_from_rank(line: str, for_agent: bool = True) -> None:
+    """A rank's one-line failure: in this rank's log file; with `for_agent`, where the elastic agent reads this
+    rank's failure (TORCHELASTIC_ERROR_FILE, which the agent sets for forked and spawned ranks alike); and on
+    stderr unless Phalanx's launcher started this rank (it prints the first failing rank's line, once)."""
+    import logging
+    log = logging.getLogger("phalanx")
+    for handler in log.handlers:  # the rank's logs/rank-K.log only: rank 0's console is the launcher's terminal
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
+    if for_agent:
+        write_error_file(os.environ.get("TORCHELASTIC_ERROR_FILE", ""), line)
+    if os.environ.get(LAUNCHER_ENV) != "1":
+        print(line, file=sys.stderr, flush=True)
+
+
+def write_error_file(path: str, message: str) -> None:
+    """`message` as torch's error-file format (`{"message": str, "timestamp": int}`); nothing without a path."""
+    import json
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:  # the agent then reports the exit code alone
+        pass
+
+
+def _own_line(failure) -> bool:
+    return isinstance(failure.message, str) and failure.message.startswith("phalanx: ")
+
+
+def failure_report(e, run_dir=None, since: float = 0.0) -> tuple[str, int]:
+    """(one line, exit code) for a failed group. The line is the failing rank's own where one left it (a user's
+    mistake; a rank that waited on a stalled peer names that peer), the first such by time, then rank; else the
+    first rank the agent saw fail, and how. The code is that rank's (128 + N for signal N). The rank's log is
+    named only where it exists and was written since `since` (a copied run folder holds another run's)."""
+    pool = {r: f for r, f in e.failures.items() if _own_line(f)} or e.failures
+    rank = min(pool, key=lambda r: (pool[r].timestamp, r))
+    failure = pool[rank]
+    code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    if _own_line(failure):
+        return failure.message.splitlines()[0], code
     how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else
            f"exited with code {failure.exitcode}")
-    return f"phalanx: rank {rank} {how}; its log: {run_dir or 'RUN_DIR'}/logs/rank-{rank}.log"
+    if isinstance(failure.message, dict) and failure.message.get("message"):  # an exception `record` left
+        how += f" after {str(failure.message['message']).strip().splitlines()[0][:300]}"
+    log = rank_log(run_dir, rank, since)
+    return f"phalanx: rank {rank} {how}" + (f"; its log: {log}" if log else ""), code
+
+
+def rank_log(run_dir, rank: int, since: float = 0.0):
+    """RUN_DIR/logs/rank-RANK.log where it exists and was written since `since`, else None."""
+    if run_dir is None:
+        return None
+    log = Path(run_dir) / "logs" / f"rank-{rank}.log"
+    try:
+        return log if log.is_file() and log.stat().st_mtime >= since else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def quiet_agent_reports():
+    """Silence torch's report of a failed rank (its traceback of the agent's own poll, the processes it closes):
+    `launch` prints the rank's one line instead; the rank's own output and log keep the detail."""
+    import logging
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic.multiprocessing.api",
+                                                    "torch.distributed.elastic.multiprocessing.errors",
+                                                    "torch.multiprocessing.spawn")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
@@ -160,7 +249,6 @@ def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
     fork where the device cannot be used in a forked process is one ConfigError line."""
     accel = runtime.accelerator(device_pref)
     if pcfg.start_method == "fork" and not accel.fork_safe:
-        from phalanx.errors import ConfigError
         raise ConfigError(f"parallel.start_method='fork': {accel.kind.upper()} cannot be used in a forked process "
                           f"(--device {device_pref} runs on {accel.kind}); use --parallel.start_method spawn "
                           f"(or auto)")
@@ -172,7 +260,6 @@ def start_method(pcfg: ParallelConfig, device_pref: str) -> str:
 def check_layout(pcfg: ParallelConfig, nproc: int, device_pref: str) -> str:
     """The start method of `nproc` ranks on this node; ConfigError, one line, for a layout it cannot run (more
     ranks than GPUs under NCCL, `fork` with CUDA)."""
-    from phalanx.runtime.dist import check_ranks_fit, resolve_backend
     method = start_method(pcfg, device_pref)
     accel = runtime.accelerator(device_pref)
     check_ranks_fit(accel, nproc, resolve_backend(pcfg, accel))
@@ -194,6 +281,7 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, entry: RankEntry, ran
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
@@ -214,11 +302,20 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, entry: RankEntry, ran
     # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which
     # finish their step, write a checkpoint and exit 0. So SIGUSR1 here becomes SIGTERM.
     old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    os.environ[LAUNCHER_ENV] = "1"  # inherited by the ranks: they leave their error line to this process
+    started = time.time() - 1.0  # mtimes of a rank's log: a coarse clock and a second of slack
     try:
-        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        with quiet_agent_reports():
+            elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as e:
-        print(f"phalanx: the run failed\n{e}\n{failure_line(e, run_dir)}", file=sys.stderr, flush=True)
-        return 1
+        line, code = failure_report(e, run_dir, started)
+        print(line, file=sys.stderr, flush=True)
+        return code
+    except RendezvousTimeoutError:
+        raise ConfigError(f"the rendezvous at {args.rdzv_endpoint}: {pcfg.nnodes} node(s) expected, not all "
+                          f"joined within --parallel.init_timeout_s {pcfg.init_timeout_s:g}; start the same command "
+                          f"on every node (with this endpoint and --nnodes), or give --nnodes the number of "
+                          f"nodes") from None
     except SignalException as e:
         # The agent passed the signal on: each rank finished its step (and a training wrote a checkpoint).
         if on_stop is not None:
@@ -227,4 +324,5 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, entry: RankEntry, ran
         return 128 + int(e.sigval)
     finally:
         signal.signal(signal.SIGUSR1, old_usr1)
+        os.environ.pop(LAUNCHER_ENV, None)
     return 0

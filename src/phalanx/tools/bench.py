@@ -5,13 +5,52 @@ object (the last line of stdout).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+from phalanx.errors import ConfigError, first_line
+from phalanx.runtime.cpu import max_processes
+
+
+def check_model_args(model: str, width: int, size: int = 28, channels: int = 1) -> None:
+    """ConfigError, one line naming the options, for a model the benchmark cannot build, one that does not take
+    `size`x`size` images, or one whose weights, gradients and optimizer state exceed this machine's memory:
+    built and run once on the meta device (nothing allocated), before anything is timed."""
+    from phalanx.models import build_model, model_refusal  # torchvision's model zoo: for the model benchmarks only
+    why = model_refusal(model)
+    if why is not None:
+        raise ConfigError(f"--model {model}: {why}")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a zero-sized layer for a tiny image: the error below says it
+            net = build_model(model, 10, channels, size, width)
+            with torch.no_grad():
+                net.eval()(torch.zeros(1, channels, size, size))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"--model {model} --width {width} --size {size}: cannot build or run it ({first_line(e)}); "
+                          f"choose a larger --size or another --width or --model") from None
+    state_bytes = 4 * 4 * sum(p.numel() for p in net.parameters())  # fp32 weights, gradients, momentum, a copy
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if state_bytes > memory:
+        raise ConfigError(f"--model {model} --width {width}: its weights, gradients and optimizer state need "
+                          f"{state_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:,.0f} GiB; "
+                          f"choose a smaller --width")
+
+
+def check_ranks(option: str, n: int | None) -> None:
+    """ConfigError for more ranks than this machine can usefully run (the limit `phalanx train` applies)."""
+    most = max_processes()
+    if n is not None and n > most:
+        raise ConfigError(f"{option} {n}: more ranks than this node can usefully run (at most {most})")
 
 
 def train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str]) -> dict:
@@ -24,6 +63,9 @@ def train_rate(nproc: int, threads: int, steps: int, batch: int, extra: list[str
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        if r.returncode == 2:  # the training refused its options (those after `--`): the user's to fix
+            said = (r.stderr.strip().splitlines() or ["exit code 2"])[-1].removeprefix("phalanx: error: ")
+            raise ConfigError(f"the benchmark's training refused its options: {said}")
         if r.returncode != 0:
             raise RuntimeError(f"benchmark run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -38,8 +80,8 @@ def scaling(max_world: int | None = None, steps: int = 90, global_batch: int = 5
             extra: list[str] = ()) -> int:
     """img/s for world sizes 1..max_world (default: the GPUs, or the cores) and the scaling efficiency; on CPU
     also the same cores as 1 process x all threads against all processes x 1 thread."""
-    from phalanx import runtime
-    from phalanx.runtime.cpu import usable_cores
+    from phalanx import runtime  # deferred: doctor imports this module for matmul_peak
+    from phalanx.runtime.cpu import usable_cores  # deferred: doctor imports this module for matmul_peak
     accel = runtime.accelerator()
     on_devices = accel.device_count() > 0  # ranks bound to devices (GPUs): one thread each
     max_world = max_world or accel.device_count() or usable_cores()
@@ -77,7 +119,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    from phalanx import runtime
+    from phalanx import runtime  # deferred: doctor imports this module for matmul_peak
     sync = runtime.of(device).synchronize
     sync(device)
     it, t0 = 0, time.perf_counter()
@@ -104,9 +146,9 @@ def flops(model: str = "phalanx_cnn", width: int = 64, size: int = 28, channels:
           precision: str = "auto", steps: int = 20) -> dict:
     """FLOPs per image, the achieved FLOP/s of training steps (`batch` images per step, this process) and their
     fraction of a matmul peak measured in the same run; printed, and returned."""
-    from phalanx import runtime
-    from phalanx.models import build_model
-    from phalanx.train.precision import Precision
+    from phalanx import runtime  # deferred: doctor imports this module for matmul_peak
+    from phalanx.models import build_model  # deferred: doctor imports this module for matmul_peak
+    from phalanx.train.precision import Precision  # deferred: doctor imports this module for matmul_peak
     accel = runtime.accelerator()
     dev = accel.bind(0)
     net = build_model(model, 10, channels, size, width)
@@ -150,6 +192,7 @@ def step_split(nproc: int, model: str = "phalanx_cnn", width: int = 32, global_b
                shape: tuple[int, int, int] = (28, 28, 1), precision: str = "fp32") -> dict:
     """Seconds per step of compute (forward + backward), gradient all-reduce and optimizer, for `nproc` ranks
     of one thread each, measured in this process (phalanx.tools.tune: threads for ranks, a real gloo group)."""
+    # deferred: doctor imports this module for matmul_peak
     from phalanx.tools.tune import Choice, Question, measure_choice
     q = Question("cpu", nproc, ((nproc, 1),), (precision,), (True,), (model, width, "batch", "relu"), shape, 10,
                  global_batch)
@@ -166,7 +209,7 @@ def step_split(nproc: int, model: str = "phalanx_cnn", width: int = 32, global_b
 def step(nproc: int | None = None, model: str = "phalanx_cnn", width: int = 32, global_batch: int = 512) -> int:
     """The split of a training step into compute, gradient all-reduce and optimizer, for 1..nproc (default: the
     cores) single-thread ranks, on the CPU."""
-    from phalanx.runtime.cpu import usable_cores
+    from phalanx.runtime.cpu import usable_cores  # deferred: doctor imports this module for matmul_peak
     rows = [step_split(n, model, width, global_batch) for n in range(1, (nproc or usable_cores()) + 1)]
     print(_step_table(rows))
     print(json.dumps({"step_split": rows, "torch": torch.__version__}))
@@ -186,11 +229,11 @@ def _step_table(rows: list[dict]) -> str:
 def loader_rate(data: str = "fashion_mnist", global_batch: int = 512, steps: int = 40) -> dict:
     """img/s of one rank's input pipeline alone (gather from the memory-mapped store, augment, normalise),
     on this process's threads, on the CPU."""
-    from phalanx.config import AugmentConfig
-    from phalanx.data.augment import Normalize
-    from phalanx.data.loader import TrainLoader
-    from phalanx.data.sampler import GlobalSampler
-    from phalanx.data.sources import load_store
+    from phalanx.config import AugmentConfig  # deferred: doctor imports this module for matmul_peak
+    from phalanx.data.augment import Normalize  # deferred: doctor imports this module for matmul_peak
+    from phalanx.data.loader import TrainLoader  # deferred: doctor imports this module for matmul_peak
+    from phalanx.data.sampler import GlobalSampler  # deferred: doctor imports this module for matmul_peak
+    from phalanx.data.sources import load_store  # deferred: doctor imports this module for matmul_peak
     store = load_store(data)
     split = store["train"]
     sampler = GlobalSampler(len(split), global_batch, 0, 1, 0, 1)
@@ -220,7 +263,7 @@ def everything(out_dir: Path = Path("bench"), steps: int = 60) -> int:
     import contextlib
     import io
 
-    from phalanx.runtime.cpu import usable_cores
+    from phalanx.runtime.cpu import usable_cores  # deferred: doctor imports this module for matmul_peak
     out_dir = Path(out_dir)
     cores = usable_cores()
     scaling_rows = [train_rate(n, max(1, cores // n), steps, 512, []) for n in range(1, cores + 1)]

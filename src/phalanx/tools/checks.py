@@ -4,13 +4,21 @@ anything is written or any rank starts, and a rank that a user's own `torchrun` 
 failure is one ConfigError line naming the field, as `Config.validate`'s own are."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from phalanx import config as C
+from phalanx import runtime
 from phalanx.data.imageio import max_pixels, too_many_pixels
 from phalanx.data.mix import mix_layout_error
-from phalanx.errors import ConfigError
-from phalanx.models import model_refusal, option_refusal
+from phalanx.data.sources import BUILTIN_NAMES
+from phalanx.errors import CheckpointError, ConfigError, first_line
+from phalanx.models import HOUSE, build_model, model_refusal, option_refusal
 from phalanx.observe.sinks import tensorboard_installed
+from phalanx.paths import check_path
 from phalanx.runtime.cpu import max_processes
+from phalanx.train.checkpoint import find_latest, why_no_checkpoint
 
 
 def checked_config(recipe: str | None, pairs: list[tuple[str, str]]) -> C.Config:
@@ -26,6 +34,9 @@ def check_config(cfg: C.Config) -> C.Config:
         if not ok:
             raise ConfigError(f"{key}={C.get_key(cfg, key)!r}: {msg}")
 
+    for key in C.PATH_KEYS:  # a recipe's paths too (the command line's: commands/args.py), before any lookup
+        if C.get_key(cfg, key):
+            check_path(C.get_key(cfg, key), f"--{key}")
     why = model_refusal(cfg.model.name)
     need(why is None, "model.name", str(why))
     refused = option_refusal(cfg.model.name, cfg.model.small_input, cfg.model.zero_init_residual)
@@ -35,6 +46,10 @@ def check_config(cfg: C.Config) -> C.Config:
     need(not too_many_pixels((d.size, d.size)), "data.size", f"a {d.size}x{d.size} image has more pixels than "
          f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
     _check_mix_layout(cfg)
+    runtime.accelerator(cfg.device)  # `--device cuda` on a machine without CUDA: its one line, before any work
+    _check_norm_fits(cfg)
+    need(not (d.stream and d.path in BUILTIN_NAMES), "data.stream", f"--data {d.path} is a built-in set, read from "
+         f"idx files into a prepared store; --data.stream reads an ImageFolder: leave out --data.stream")
     p = cfg.parallel
     most = max_processes()
     need(p.nproc == "auto" or (len(p.nproc) <= 18 and int(p.nproc) <= most), "parallel.nproc",
@@ -55,3 +70,60 @@ def _check_mix_layout(cfg: C.Config) -> None:
         why = mix_layout_error(cfg.global_batch, cfg.grad_accum, world)
         if why:
             raise ConfigError(why)
+
+
+def _check_norm_fits(cfg: C.Config) -> None:
+    """--model.norm group: the house CNNs' GroupNorm needs its groups to divide every layer's channels, which
+    follow --model.width; built on the meta device here (nothing allocated) rather than failing in each rank."""
+    m = cfg.model
+    if m.norm != "group" or m.name not in HOUSE:
+        return
+
+    def builds(width: int) -> ValueError | None:
+        try:
+            with torch.device("meta"):
+                build_model(m.name, 10, cfg.data.channels or 1, cfg.data.size or 28, width, m.norm, m.act)
+        except ValueError as e:  # GroupNorm: "num_channels must be divisible by num_groups"
+            return e
+        return None
+
+    why = builds(m.width)
+    if why is None:
+        return
+    fits = [w for w in range(max(1, m.width - 64), m.width + 65) if builds(w) is None]
+    near = sorted(fits, key=lambda w: (abs(w - m.width), w))[:2]
+    raise ConfigError(f"model.norm='group' at model.width={m.width}: a GroupNorm layer's groups do not divide its "
+                      f"channels ({first_line(why)}); use --model.width {' or '.join(map(str, sorted(near)))}, or "
+                      f"--model.norm batch")
+
+
+def checked_resume(cfg: C.Config) -> None:
+    """The checkpoint a run resumes from, checked in the launcher before the run prints its start-up lines and
+    starts ranks (one CheckpointError line): a --resume without a checkpoint that verifies (none, or each
+    damaged), or one written by a run of another model, width or norm (recorded in that run's config.toml)."""
+    resume = Path(cfg.ckpt.resume) if cfg.ckpt.resume else None
+    found = find_latest(resume or Path(cfg.run_dir)) if resume or cfg.run_dir else None
+    if resume is not None and found is None:
+        raise CheckpointError(why_no_checkpoint(resume))
+    if found is None:  # a new run
+        return
+    saved_config = (found.parent.parent if found.parent.name == "checkpoints" else found.parent) / "config.toml"
+    try:
+        saved = C.build_config(str(saved_config), []) if saved_config.is_file() else None
+    except (ConfigError, OSError):  # unreadable: the ranks compare the weights themselves
+        saved = None
+    why = None if saved is None else model_mismatch(saved, cfg)
+    if why is not None:
+        raise CheckpointError(f"{found}: written by a run of {why}; resume with the options it was trained with")
+
+
+def model_mismatch(saved: C.Config, cfg: C.Config) -> str | None:
+    """Why the weights of a run of config `saved` cannot be loaded into the model `cfg` builds ("--model.width
+    16, this run's 24"), or None. Width and norm shape the house CNNs only, small_input the stems of the others;
+    the activation holds no weights."""
+    keys = ["model.name"] + (["model.width", "model.norm"] if cfg.model.name in HOUSE else ["model.small_input"])
+    for key in keys:
+        was, now = C.get_key(saved, key), C.get_key(cfg, key)
+        if was != now:
+            return f"--{key} {was}, this run's {now}"
+    return None

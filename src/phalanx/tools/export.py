@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,8 +35,17 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from phalanx import config as C
 from phalanx.data.augment import Normalize
-from phalanx.errors import DataError
+from phalanx.data.geometry import eval_resize_crop
+from phalanx.data.imageio import decode_chw
+from phalanx.data.loader import evenly_spaced
+from phalanx.data.sources import store_path_for
+from phalanx.data.store import is_store, open_store
+from phalanx.errors import CheckpointError, ConfigError, DataError
+from phalanx.parallel.model_state import load_into
+from phalanx.paths import check_destination, real
+from phalanx.train.evaluate import _build_from_meta, _check_model_meta, eval_crop_of_meta, list_images, load_weights
 
 FORMATS = ("torchscript", "onnx", "safetensors")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
@@ -89,7 +99,6 @@ class Check:
 
 def input_side(meta: dict) -> int:
     """Side of the images the export takes: the evaluation crop's when the run trained on crops, else the stored."""
-    from phalanx.train.evaluate import eval_crop_of_meta
     crop = eval_crop_of_meta(meta)
     return crop[0] if crop else meta["image_size"]
 
@@ -159,10 +168,6 @@ def load_safetensors_export(path: Path) -> ExportedClassifier:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from phalanx.errors import CheckpointError
-    from phalanx.parallel.model_state import load_into
-    from phalanx.train.evaluate import _build_from_meta, _check_model_meta
-
     try:
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
@@ -188,24 +193,26 @@ def export(target: Path, fmt: str, out: Path | None = None, images: list[Path] |
            input_dtype: str = "uint8") -> tuple[Path, Check]:
     """Write the run's model in `fmt` and check it; (the file, the check). ExportError when the check fails
     (nothing is left at `out` then), DataError / CheckpointError for unusable inputs."""
-    from phalanx.train.evaluate import eval_crop_of_meta, load_weights
-
     target = Path(target)
     run_dir = target if target.is_dir() else target.parent
+    out = Path(out) if out else default_path(run_dir, fmt)
+    check_out(out, target, given=out is not None)  # before minutes of exporting: one line, nothing written
     model, meta = load_weights(target)
     x, source = check_images(run_dir, meta, images or [])
     wrapped = ExportedClassifier(model, meta["mean"], meta["std"]).eval()
     shape, crop = "images (N, C, H, W)", eval_crop_of_meta(meta)
     if crop is not None:  # checked on what it will be given: evaluation's resize + centre crop
-        from phalanx.data.geometry import eval_resize_crop
         x = eval_resize_crop(x, *crop)
         source += ", resized and centre-cropped as evaluation does"
         side, frac = crop
         shape = (f"images (N, C, {side}, {side}), resized so that the centre {frac} of their side is "
                  f"{side} px, then centre-cropped to {side}x{side}")
     meta = dict(meta, input=f"{shape}: uint8 0..255 or float 0..1", output="logits (N, num_classes)")
-    out = Path(out) if out else default_path(run_dir, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # check_out looked; a full disk, or a folder made read-only since, remain
+        raise ConfigError(f"--out {out}: cannot create {out.parent} ({e.strerror or e}); choose another --out") \
+            from None
     partial = out.with_name(f".{out.name}.partial")
     try:
         with torch.no_grad():
@@ -228,6 +235,53 @@ def export(target: Path, fmt: str, out: Path | None = None, images: list[Path] |
     finally:
         partial.unlink(missing_ok=True)
     return out, check
+
+
+def check_out(out: Path, target: Path, given: bool = True) -> None:
+    """ConfigError (one line) unless an export may be written at `out`: a file name (not a folder) in a folder
+    this process can write in, and, where a file is there already, an earlier export, never the weights being
+    exported or another file of the user's or of a run (config.toml, summary.json, a checkpoint...)."""
+    where, fix = ("--out", "choose another --out") if given else ("", "give a writable --out")
+    check_destination(out, where, fix)
+    if not (out.exists() or out.is_symlink()):
+        return
+    weights = target / "model.safetensors" if target.is_dir() else target
+    if real(out) in (real(weights), real(weights.with_suffix(".json"))):
+        raise ConfigError(f"--out {out}: is the weights being exported ({real(weights)}), which an export would "
+                          f"replace; {fix} (the default is {default_path(weights.parent, 'onnx').parent}/)")
+    if not is_export(out):
+        raise ConfigError(f"--out {out}: exists and is not a model `phalanx export` wrote (a run's weights, "
+                          f"checkpoint or config, or a file of yours), which an export would replace; {fix}, or "
+                          f"move that file away first")
+
+
+def is_export(path: Path) -> bool:
+    """`path` is a model `phalanx export` wrote, in any format: its `phalanx` metadata holds the `output` that
+    `export` adds to model.json's contents (a run's own model.safetensors has `phalanx` metadata without it)."""
+    def made_by_export(text) -> bool:
+        try:
+            meta = json.loads(text)
+        except (TypeError, ValueError):
+            return False
+        return isinstance(meta, dict) and "output" in meta
+
+    try:
+        if zipfile.is_zipfile(path):  # torchscript: model.json's contents are the extra file phalanx.json
+            with zipfile.ZipFile(path) as z:
+                return any(made_by_export(z.read(n)) for n in z.namelist() if n.endswith("extra/phalanx.json"))
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 2 <= size <= 100 << 20:  # safetensors: the header's length, then the header (JSON)
+                header = json.loads(f.read(size))
+                return made_by_export((header.get("__metadata__") or {}).get("phalanx"))
+        if head[:1] == b"\x08":  # an ONNX ModelProto starts with its ir_version (field 1, a varint)
+            import onnx  # optional (phalanx[export]): only an ONNX export can be there
+            proto = onnx.load(str(path), load_external_data=False)
+            return any(p.key == "phalanx" and made_by_export(p.value) for p in proto.metadata_props)
+    except Exception:  # unreadable, or another kind of file (onnx's parser raises its own errors): no export
+        return False
+    return False
 
 
 @torch.no_grad()
@@ -253,16 +307,12 @@ def compare(model: nn.Module, meta: dict, run: Callable, x: torch.Tensor, source
 def check_images(run_dir: Path, meta: dict, given: list[Path]) -> tuple[torch.Tensor, str]:
     """uint8 (N, C, H, W) images to check an export on, and where they came from: the files and folders
     given, else images spread over the test split of the run's prepared store."""
-    from phalanx.data.imageio import decode_chw
-    from phalanx.train.evaluate import list_images
-
     size, ch = meta["image_size"], meta["in_channels"]
     if given:
         files = list_images(given)[:CHECK_IMAGES]
         return torch.stack([decode_chw(f, size, ch) for f in files]), f"{len(files)} image file(s) given"
     store = run_store(run_dir)
     if store is not None and store.shape == (size, size, ch):
-        from phalanx.data.loader import evenly_spaced
         name = "test" if "test" in store.splits else "val" if "val" in store.splits else None
         if name is not None:
             return evenly_spaced(store[name], CHECK_IMAGES).contiguous(), f"{name} split of {store.path}"
@@ -272,11 +322,6 @@ def check_images(run_dir: Path, meta: dict, given: list[Path]) -> tuple[torch.Te
 
 def run_store(run_dir: Path):
     """The prepared store named by the run's config.toml, when it exists here (None otherwise)."""
-    from phalanx import config as C
-    from phalanx.data.sources import store_path_for
-    from phalanx.data.store import is_store, open_store
-    from phalanx.errors import ConfigError
-
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         return None

@@ -339,8 +339,10 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
     fits = world_fits(cfg)
     if not bound and cfg.parallel.nproc == "auto" and cfg.parallel.nnodes == 1:
         layouts = layouts_for(cores, micro)
-        if fits is not None:  # only layouts the run can use (mixup's pairs whole on each rank)
+        if fits is not None:  # only layouts the run can use (mixup's pairs whole, invariant micro-batches shared)
             layouts = tuple(lay for lay in layouts if fits(lay[0])) or layouts
+        if cfg.parallel.invariant:  # every rank computes with one thread (parallel/invariant.py): ranks alone vary
+            layouts = tuple(dict.fromkeys((n, 1) for n, _ in layouts))
     else:
         n, _ = resolve_nproc(cfg.parallel, cfg.device, micro, fits)
         layouts = ((n, threads_per_rank(cfg.parallel, n)),)

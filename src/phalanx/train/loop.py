@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from phalanx import config as C
+from phalanx.data.loader import eval_chunks, to_nchw
 from phalanx.errors import ConfigError
 from phalanx.observe.console import Progress, TrainMeter
 from phalanx.observe.profile import StepProfiler
 from phalanx.parallel.collectives import broadcast_object, ranks_holding
+from phalanx.parallel.invariant import loss_scale, micro_steps
 from phalanx.runtime import dist as rdist
 from phalanx.train import cadence, faults, sharded_checkpoint
 from phalanx.train import checkpoint as ckpt
@@ -67,12 +67,10 @@ def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> No
         msg = (f"phalanx: rank {env.rank} stopped while {env.phase}: another rank exited or stalled "
                f"({detail}). The launcher's report below names the failing rank; every rank's log is in "
                f"{logs}/rank-K.log")
-    log = logging.getLogger("phalanx")
-    log.error(msg)  # rank 0's console and every rank's file
-    if not env.is_main or not log.handlers:
-        print(msg, file=sys.stderr, flush=True)
-    if silent:  # the agent reports this rank as the failure: its report must name the stalled one
-        rdist.record_failure(env, msg)
+    # In this rank's log, and on the console unless Phalanx's launcher prints the failing rank's line once. When
+    # silent ranks were found, the agent reports this rank as the failure: its report must name the stalled one.
+    from phalanx.runtime.launch import tell_from_rank
+    tell_from_rank(msg, for_agent=bool(silent))
     if not timed_out:
         # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
         # forked ranks are polled together (it checks every 0.1 s under `phalanx train --nproc`).
@@ -111,6 +109,7 @@ def train_to_end(run: Run) -> dict:
     samples = (open(run.run_dir / "logs" / f"samples-rank-{env.rank}.jsonl", "a")  # noqa: SIM115 (closed below)
                if cfg.log_samples else None)
     result: dict = {}
+    accum = micro_steps(cfg, env.world)  # micro-steps per optimizer step on this rank (M / W when invariant)
     try:
         for epoch in itertools.count(state.position.epoch):  # to run.epochs, which a budget may move
             if epoch >= run.epochs or state.position.global_step >= run.total_steps:
@@ -122,7 +121,7 @@ def train_to_end(run: Run) -> dict:
                 env.phase = f"training epoch {epoch + 1} step {batch.step + 1} (forward/backward, gradient all-reduce)"
                 next_global = state.position.global_step + 1  # the optimizer step this batch belongs to
                 loss_sum, stepped = train_step(
-                    state, batch, cfg.grad_accum, env.world / cfg.global_batch, cfg.optim.label_smoothing,
+                    state, batch, accum, loss_scale(cfg, env.world), cfg.optim.label_smoothing,
                     cfg.optim.grad_clip, cadence.ema_steps(next_global, cfg.ema_every, next_global >= run.total_steps))
                 meter.add(loss_sum, len(batch.y))
                 if samples is not None:
@@ -232,7 +231,6 @@ def follow_budget(run: Run, progress: Progress) -> None:
 def time_evaluation(run: Run) -> float:
     """Seconds the final evaluation will take on this rank: one evaluation chunk's forward timed (the second of
     two: the first builds the kernels), times this rank's chunks, twice with TTA."""
-    from phalanx.data.loader import eval_chunks, to_nchw
     state, cfg, env = run.state, run.cfg, run.env
     n = len(run.test_data.split)
     x, _ = run.test_data.gather(torch.arange(0, min(cfg.eval_batch, n)))

@@ -17,12 +17,21 @@ from phalanx.data.augment import Normalize, eval_crop_of
 from phalanx.data.loader import SplitOnDevice, TrainLoader, evenly_spaced
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.sources import open_on_node
-from phalanx.errors import CheckpointError, ConfigError, DataError
+from phalanx.errors import CheckpointError, ConfigError, DataChoiceError, DataError
 from phalanx.models import build_model
 from phalanx.observe.console import MetricsWriter, setup_logging
 from phalanx.observe.sinks import metric_sinks
 from phalanx.parallel.collectives import barrier, broadcast_object
+from phalanx.parallel.invariant import micro_steps
 from phalanx.parallel.strategy import build_strategy
+from phalanx.paths import (
+    RunLock,
+    check_destination,
+    check_run_dir_is_ours,
+    inside,
+    launcher_run_dir,
+    started_by_launcher,
+)
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.budget import (
@@ -74,6 +83,26 @@ class Run:
         self.total_steps = self.horizon["total"] = total
 
 
+_TORCHRUN_LOCK: list[RunLock] = []
+"""The run directory's lock, held by rank 0 of a user's own torchrun until its process exits."""
+
+
+def run_dir_for(cfg: C.Config) -> Path:
+    """The run directory `phalanx train` runs in: --run_dir; else the run a --resume names (RUN for RUN,
+    RUN/checkpoints and RUN/checkpoints/step-N; as `resolve_run_dir` finds it); else a new
+    OUT_DIR/<date>-<time>-<model>, with -2, -3... when another run started in the same second."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    if cfg.ckpt.resume:
+        p = Path(cfg.ckpt.resume)
+        if p.name == "checkpoints" or (p.name.startswith("step-") and p.parent.name == "checkpoints"):
+            return p.parent if p.name == "checkpoints" else p.parent.parent
+        return p
+    base = Path(cfg.default_run_dir())
+    return next(d for d in (base.with_name(f"{base.name}{f'-{k}' if k > 1 else ''}") for k in range(1, 1000))
+                if not d.exists())
+
+
 def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
     """Rank 0 picks the run directory, every rank uses that one."""
     found = ckpt.find_latest(Path(cfg.ckpt.resume)) if cfg.ckpt.resume else None
@@ -81,6 +110,8 @@ def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
         raise CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
     if cfg.run_dir:
         name = cfg.run_dir  # all nodes take rank 0's (node 0's launcher) name below
+    elif launcher_run_dir() is not None:  # one rank in `phalanx train`'s own process: the folder it locked
+        name = str(launcher_run_dir())
     elif found is not None:
         p = Path(cfg.ckpt.resume)
         name = str(found.parent.parent if found.parent.name == "checkpoints" else p)
@@ -92,6 +123,12 @@ def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
         name = cfg.default_run_dir() if env.is_main else ""
     name = broadcast_object(name)
     run_dir = Path(name)
+    if env.is_main and not started_by_launcher() and ("TORCHELASTIC_RUN_ID" in os.environ
+                                                      or getattr(env, "world", 1) > 1):
+        # Rank 0 of a user's own torchrun (or of srun's tasks) holds the lock for the life of its process
+        # (`phalanx train` holds it for the ranks it starts); the kernel releases it when the process exits, and
+        # a restarted group's rank 0 takes it again.
+        _TORCHRUN_LOCK.append(RunLock.take(run_dir, "--run_dir"))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, a read-only folder, a full disk: `check_run_dir` tells it sooner
@@ -102,24 +139,24 @@ def resolve_run_dir(cfg: C.Config, env: DistEnv) -> Path:
 
 def check_run_dir(cfg: C.Config) -> None:
     """One ConfigError line, before anything is written, unless the run directory can be created and
-    written: it, or the nearest folder above it that exists, must be a folder this process may write in.
-    A --resume of a path that does not exist is one CheckpointError line."""
+    written (it, or the nearest folder above it that exists, a folder this process may write in; no link loop, no
+    name too long, not in /proc), is new, empty or a run directory (never a folder of the user's), and lies
+    neither inside the data nor holds it. A --resume of a path that does not exist is one CheckpointError line."""
     key, given = next((k, v) for k, v in (("run_dir", cfg.run_dir), ("ckpt.resume", cfg.ckpt.resume),
                                           ("out_dir", cfg.out_dir)) if v or k == "out_dir")
     fix = f"choose another --{key}"
     if cfg.ckpt.resume and not Path(cfg.ckpt.resume).exists():  # a typo: say so before any rank is started
         raise CheckpointError(ckpt.why_no_checkpoint(Path(cfg.ckpt.resume)))
-    try:
-        probe = Path(given)
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
-        if not probe.is_dir():
-            raise ConfigError(f"--{key} {given}: {probe} is a file, not a folder; {fix}")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError(f"--{key} {given}: {probe} is read-only (no new files can be made in it); {fix}, "
-                              f"one you can write in")
-    except OSError as e:  # e.g. a name longer than the file system allows
-        raise ConfigError(f"--{key} {given}: {e.strerror or e}; {fix}") from None
+    check_destination(given, f"--{key}", fix, folder=True)
+    run_dir = Path(given) if key == "out_dir" else run_dir_for(cfg)
+    if key != "out_dir":
+        check_run_dir_is_ours(run_dir, f"--{key}", f"{fix} (a new or empty folder, or a run directory to resume)")
+    data = Path(cfg.data.path).expanduser()
+    if data.exists() and (inside(run_dir, data) or (key != "out_dir" and inside(data, run_dir))):
+        what = "lies inside" if inside(run_dir, data) else "holds"
+        raise ConfigError(f"--{key} {given}: {what} the data {data}; a run writes logs/, checkpoints and "
+                          f"config.toml into its folder, which the data would then hold (and the next `phalanx "
+                          f"data prepare` read as classes); {fix}, outside {data}")
 
 
 def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
@@ -138,7 +175,9 @@ def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
     if cfg.global_batch // cfg.grad_accum < env.world:
         raise ConfigError(f"global_batch={cfg.global_batch} with grad_accum={cfg.grad_accum} gives fewer images "
                             f"per micro-step than the {env.world} ranks")
-    sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, cfg.grad_accum)
+    # Invariant mode: M / W micro-steps per rank, so that each rank's part of a micro-step is one micro-batch.
+    accum = micro_steps(cfg, env.world)
+    sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, accum)
     a = cfg.augment  # evaluation resizes and centre-crops when the model trains on crops
     normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last,
                           eval_crop_of(a.crop_size, a.eval_crop, store.shape[0]))
@@ -177,8 +216,8 @@ def check_data(cfg: C.Config, store) -> None:
         name = store.classes[int(labels[0])]
         hint = (f"; {name!r} looks like a split folder: put the class folders inside {src}/{name} and add "
                 f"{src}/test (or val) beside it" if name in ("train", "val", "test") else "")
-        raise DataError(f"{src}: every training image is of one class ({name!r}), so any model is 100% accurate "
-                        f"and learns nothing; give the data 2 or more classes{hint}")
+        raise DataChoiceError(f"{src}: every training image is of one class ({name!r}), so any model is 100% "
+                              f"accurate and learns nothing; give the data 2 or more classes{hint}")
     test = next((s for s in ("test", "val") if s in store.splits), None)
     if test is None or len(store[test]) == 0:
         how = _HOW_TO_ADD_A_TEST_SPLIT.get(kind, "prepare it from a source with a test split "

@@ -3,6 +3,9 @@
     micro-batch -> model under autocast -> loss (sum / global batch x world) -> backward
                    (gradient all-reduce on the last micro-batch only) -> clip -> optimizer -> schedule
                    -> ranks agree on the model (norm statistics) -> EMA
+
+With `--parallel.invariant` the loss is sum / global batch and the strategy's `no_sync` context keeps each
+micro-batch's gradient apart, summing them all in one fixed order after the last (parallel/invariant.py).
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from phalanx.commands.data import data as data_cli
@@ -473,3 +475,87 @@ def test_a_store_committed_meanwhile_with_the_same_images_is_kept(tmp_path):
     write(images[::-1].copy())  # other images: the new store replaces the old one
     assert (out / "train-images.npy").stat().st_ino != first and no_partials(out)
     assert np.array_equal(open_store(out)["train"].images, images[::-1])
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("phalanx: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_source_inside_the_store_folder_is_refused_and_nothing_is_deleted(folder, tmp_path, capsys):
+    """`phalanx data prepare STORE/imgs STORE` would replace STORE, and the images inside it with it."""
+    import shutil
+
+    from phalanx.commands import main
+    store = tmp_path / "store"
+    assert main(["data", "prepare", str(folder), str(store), "--size", "8", "--workers", "1", "--skip-bad",
+                 "--no-progress"]) == 0
+    shutil.copytree(folder, store / "imgs")
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    assert main(["data", "prepare", str(store / "imgs"), str(store), "--size", "8", "--no-progress"]) == 1
+    line = _one_error_line(capsys)
+    assert f"{store}: holds the source folder {store / 'imgs'}, and a store replaces what its folder holds" in line
+    assert _tree(tmp_path) == before
+
+
+def test_a_store_holding_a_file_of_the_users_is_not_replaced(folder, tmp_path, capsys):
+    from phalanx.commands import main
+    store = P.prepare(folder, tmp_path / "store", size=8, workers=1, skip_bad=True, progress=False)
+    (store / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    assert main(["data", "prepare", str(folder), str(store), "--size", "12", "--skip-bad", "--no-progress"]) == 1
+    assert "a prepared store that also holds 'notes.txt', which a new store would delete" in _one_error_line(capsys)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["read-only", "loop", "file", "proc"])
+def test_an_output_that_cannot_be_written_is_one_line_exit_2(folder, tmp_path, capsys, monkeypatch, case):
+    from phalanx.commands import main
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "file").write_text("mine")
+    real_access = os.access  # root may write anywhere: a read-only folder is simulated for other users
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro and real_access(p, mode))
+    out, needle = {"read-only": (ro / "store", f"{ro} is read-only (no new files can be made in it)"),
+                   "loop": (tmp_path / "loop" / "store", "loop is a symbolic link loop"),
+                   "file": (tmp_path / "file" / "store", f"{tmp_path / 'file'} is a file, not a folder"),
+                   "proc": (Path("/proc/self/store"), "in /proc")}[case]
+    before = _tree(tmp_path)
+    assert main(["data", "prepare", str(folder), str(out), "--no-progress"]) == 2
+    assert needle in _one_error_line(capsys)
+    assert _tree(tmp_path) == before
+
+
+PLACES = ["a", "a/b", "a/b/c", "a/x", "alias", "alias/b", "alias/b/c", "d", "d/e"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(PLACES), st.sampled_from(PLACES))
+@example("a/b", "a")  # the source inside the output folder: `data prepare STORE/imgs STORE`
+@example("alias/b", "a/b/c")  # the output inside the source, seen through a link
+def test_a_store_is_refused_exactly_where_source_and_output_overlap(tmp_path, src, out):
+    """Any two places of a tree with a link (`alias` -> `a`): the store is refused, before anything is read or
+    written, exactly when one of source and output is or lies inside the other (after the link)."""
+    for d in ("a/b/c", "a/x", "d/e"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    if not (tmp_path / "alias").is_symlink():
+        (tmp_path / "alias").symlink_to("a")
+    s, o = tmp_path / src, tmp_path / out
+    overlap = any(x == y or y in x.parents for x, y in ((s.resolve(), o.resolve()), (o.resolve(), s.resolve())))
+    try:
+        P._check_out(s, o)
+        why = ""
+    except DataError as e:
+        why = str(e)
+        assert "\n" not in why and why.startswith(f"{o}: "), why
+    # refused for the overlap (or else only as a folder that is not a store: `d`, `a`... hold folders)
+    assert ("source folder" in why) == overlap, why
+    assert why == "" or overlap or "exists and is not a prepared store" in why

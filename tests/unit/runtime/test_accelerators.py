@@ -12,11 +12,13 @@ def test_auto_takes_the_first_kind_present():
     assert runtime.accelerator("cpu").kind == "cpu"
 
 
-def test_a_missing_or_unknown_device_is_one_clear_error():
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device=cuda asked for, but torch sees no CUDA device"):
-            runtime.accelerator("cuda")
-    with pytest.raises(ValueError, match="device='tpu': choose one of auto, cuda, xla, cpu"):
+def test_a_missing_or_unknown_device_is_one_clear_error(monkeypatch):
+    from phalanx.errors import ConfigError
+    # A machine without CUDA, wherever the test runs: a user's mistake (exit 2, one line), not a RuntimeError.
+    monkeypatch.setattr(CUDAAccelerator, "is_available", classmethod(lambda cls: False))
+    with pytest.raises(ConfigError, match="device=cuda asked for, but torch sees no CUDA device; use --device auto"):
+        runtime.accelerator("cuda")
+    with pytest.raises(ConfigError, match="device='tpu': choose one of auto, cuda, xla, cpu"):
         runtime.accelerator("tpu")
 
 

@@ -137,9 +137,11 @@ def test_cpu_streaming_still_decodes_in_workers(tmp_path):
 
 def test_phalanx_train_refuses_more_ranks_than_gpus_before_preparing_any_data(monkeypatch, tmp_path, capsys):
     from phalanx.commands import main
-    from phalanx.data import sources
+    from phalanx.commands import train as train_command
     monkeypatch.setitem(runtime.KINDS, "cuda", OneGPU)
-    monkeypatch.setattr(sources, "open_on_node", lambda *a, **k: pytest.fail("data prepared before the refusal"))
+    # Patched where the launcher calls it: patching the data module instead would be bound, for good, into
+    # commands/train.py by its first import here, and fail every later training of the session.
+    monkeypatch.setattr(train_command, "open_on_node", lambda *a, **k: pytest.fail("data prepared before the refusal"))
     assert main(["train", "--nproc", "2", "--run_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "parallel.nproc=2: more ranks on this node than its 1 CUDA device(s)" in err

@@ -53,6 +53,8 @@ def test_a_bare_torchrun_of_several_ranks_on_xla_is_one_line_before_any_process_
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets them (without, launch_vars refuses first)
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setattr(rdist.dist, "init_process_group", lambda *a, **k: pytest.fail("joined a process group"))
     with pytest.raises(ConfigError, match=r"^--device xla: this process is rank 1 of 4 \(started by torchrun\?\)") as e:
         rdist.init(ParallelConfig(), "xla")

@@ -25,3 +25,41 @@ def test_what_this_machine_or_the_models_rule_out_is_one_clear_line(key, value, 
 def test_a_good_config_passes_the_checks_unchanged():
     cfg = C.build_config(None, [("nproc", "2")])
     assert checked_config(None, [("nproc", "2")]) == cfg
+
+
+def _run_with_a_checkpoint(folder, *pairs):
+    """A run folder as a training leaves it: config.toml of `pairs`, and one checkpoint that verifies."""
+    import torch
+
+    from phalanx.train import checkpoint as ckpt
+    folder.mkdir()
+    (folder / "config.toml").write_text(C.to_toml(C.build_config(None, list(pairs))))
+    ckpt.save(folder / "checkpoints", 4, {"w": torch.zeros(2)}, {}, {"position": {"epoch": 0, "step": 4}})
+    return folder
+
+
+@pytest.mark.parametrize("pairs,needle", [
+    ([("model.width", "16")], "written by a run of --model.width 24, this run's 16"),
+    ([("model.norm", "none")], "written by a run of --model.norm batch, this run's none"),
+    ([("model.name", "mnist_net")], "written by a run of --model.name phalanx_cnn, this run's mnist_net"),
+])
+def test_a_checkpoint_of_another_model_is_refused_before_any_rank_starts(tmp_path, pairs, needle):
+    from phalanx.errors import CheckpointError
+    from phalanx.tools.checks import checked_resume
+    run = _run_with_a_checkpoint(tmp_path / "run", ("model.width", "24"))
+    for how in ([("ckpt.resume", str(run))], [("run_dir", str(run))]):  # --resume, or a rerun in the folder
+        with pytest.raises(CheckpointError) as e:
+            checked_resume(C.build_config(None, how + pairs))
+        assert needle in str(e.value) and "\n" not in str(e.value) and "step-" in str(e.value)
+    # the same model resumes; so does another activation, which holds no weights
+    checked_resume(C.build_config(None, [("ckpt.resume", str(run)), ("model.width", "24"), ("model.act", "gelu")]))
+
+
+def test_a_resume_without_a_valid_checkpoint_is_refused_and_a_new_run_dir_is_not(tmp_path):
+    from phalanx.errors import CheckpointError
+    from phalanx.tools.checks import checked_resume
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        checked_resume(C.build_config(None, [("ckpt.resume", str(tmp_path / "empty"))]))
+    checked_resume(C.build_config(None, [("run_dir", str(tmp_path / "new"))]))
+    checked_resume(C.build_config(None, [("run_dir", str(tmp_path / "empty"))]))

@@ -145,3 +145,35 @@ def test_an_op_the_onnx_exporter_cannot_translate_is_one_line_naming_it(tiny_run
     assert "cannot convert this model" in err and "aten.frobnicate" in err and "--format torchscript" in err
     assert f"torch {torch.__version__}" in err
     assert not list(tmp_path.iterdir())
+
+
+def _files(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.json", "config.toml", "summary.json",
+                                  "metrics.jsonl", "logs/rank-0.log", "notes.txt"])
+def test_an_export_never_replaces_a_file_of_the_run_or_of_the_user(tiny_run, tmp_path, capsys, name):
+    """`phalanx export RUN --out RUN/model.safetensors` used to overwrite the trained weights (exit 0)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "notes.txt").write_text("mine")
+    out = run / name
+    before = _files(run)
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"phalanx: error: --out {out}: ") and "Traceback" not in err, err
+    assert ("is the weights being exported" if name in ("model.safetensors", "model.json") else
+            "exists and is not a model `phalanx export` wrote") in err
+    assert _files(run) == before
+    assert main(["eval", str(run), "--data.cache_dir", str(tiny_run.parent / "cache"), "--nproc", "1"]) == 0
+
+
+def test_an_export_replaces_an_earlier_export(tiny_run, tmp_path, capsys):
+    for fmt, name in (("safetensors", "m.safetensors"), ("torchscript", "m.pt")):
+        out = tmp_path / name
+        for _ in range(2):
+            assert main(["export", str(tiny_run), "--format", fmt, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert X.is_export(out)
+    assert X.is_export(tmp_path / "m.pt") and not X.is_export(tiny_run / "model.safetensors")
+    assert not X.is_export(tiny_run / "config.toml")

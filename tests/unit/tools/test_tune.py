@@ -189,3 +189,17 @@ def test_one_rank_is_measured_in_the_calling_thread(monkeypatch):
         q = _q(cores=2, layouts=((nproc, 1),), model=("phalanx_cnn", 8, "batch", "relu"), global_batch=16)
         assert tune.measure_choice(Choice(nproc, 1, "fp32", True), q, min_seconds=0.01, max_steps=2) > 0
     assert seen[0] == threading.get_ident() and threading.get_ident() not in seen[1:] and len(set(seen[1:])) == 2
+
+
+def test_with_invariant_training_only_world_sizes_sharing_the_micro_batches_are_timed_each_with_one_thread(
+        monkeypatch):
+    from phalanx.data.mix import world_error
+    monkeypatch.setattr("phalanx.runtime.cpu.usable_cores", lambda: 4)
+    monkeypatch.setattr("phalanx.runtime.dist.usable_cores", lambda: 4)
+    cfg = Config()
+    cfg.device, cfg.global_batch = "cpu", 256
+    cfg.parallel.invariant, cfg.parallel.micro_batch = True, 32  # 8 micro-batches: 1, 2 or 4 ranks
+    assert tune.question_for(cfg, set(), (28, 28, 1), 10).layouts == ((1, 1), (2, 1), (4, 1))
+    cfg.global_batch = 96  # 3 micro-batches: only one rank of these cores shares them equally
+    assert tune.question_for(cfg, set(), (28, 28, 1), 10).layouts == ((1, 1),)
+    assert "which 2 ranks cannot share equally" in world_error(cfg, 2) and world_error(cfg, 1) is None
