@@ -305,13 +305,14 @@ def _read_holder(fd: int) -> str:
     if not (line.startswith("pid ") and line.isprintable()):
         return "its pid is not written yet"
     pid, host = line.split()[1], line.split()[3] if len(line.split()) > 3 else ""
-    if host == socket.gethostname() and pid.isdecimal() and not _alive(int(pid)):
+    if host == socket.gethostname() and pid.isdecimal() and not process_alive(int(pid)):
         # The lock outlives its taker only through a process that inherited it (a forked rank or worker).
         return f"{line}, which has exited: a process it started still holds the lock"
     return line
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """A process of this pid runs on this host (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

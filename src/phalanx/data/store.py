@@ -23,6 +23,7 @@ import numpy as np
 
 from phalanx.durable import fsync_path, is_count, is_numbers, json_type, plain_file_name, read_json, sha256_file
 from phalanx.errors import DataError
+from phalanx.paths import process_alive
 
 FORMAT = "phalanx-store"
 VERSION = 1
@@ -223,16 +224,6 @@ def _same_data(path: Path, manifest: dict) -> bool:
     return isinstance(theirs, dict) and key(theirs) == key(manifest)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_partials(out: Path, host: str) -> list[Path]:
     """Remove the partial stores of `out` that killed prepares on this host left behind (their
     process is gone); partials of live prepares and of other hosts sharing the folder stay."""
@@ -240,7 +231,7 @@ def remove_stale_partials(out: Path, host: str) -> list[Path]:
     removed = []
     for p in out.parent.glob(glob.escape(prefix) + "*"):
         pid = p.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
