@@ -46,6 +46,7 @@ def check_config(cfg: C.Config) -> C.Config:
     need(not too_many_pixels((d.size, d.size)), "data.size", f"a {d.size}x{d.size} image has more pixels than "
          f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
     _check_mix_layout(cfg)
+    _check_shard_size(cfg)
     runtime.accelerator(cfg.device)  # `--device cuda` on a machine without CUDA: its one line, before any work
     _check_norm_fits(cfg)
     need(not (d.stream and d.path in BUILTIN_NAMES), "data.stream", f"--data {d.path} is a built-in set, read from "
@@ -70,6 +71,16 @@ def _check_mix_layout(cfg: C.Config) -> None:
         why = mix_layout_error(cfg.global_batch, cfg.grad_accum, world)
         if why:
             raise ConfigError(why)
+
+
+def _check_shard_size(cfg: C.Config) -> None:
+    """FSDP's --parallel.shard_size must divide an explicit world size: one line here, before any rank starts
+    (parallel/fsdp.py checks again once `--nproc auto` is resolved)."""
+    p = cfg.parallel
+    world = int(p.nproc) * p.nnodes if p.nproc.isdecimal() and len(p.nproc) <= 6 else 0  # 0: unknown yet
+    if p.strategy == "fsdp" and p.shard_size > 0 and 1 <= world <= 1 << 16 and world % p.shard_size:
+        raise ConfigError(f"parallel.shard_size={p.shard_size}: must divide the number of ranks ({world}); choose "
+                          f"one of {', '.join(str(k) for k in range(1, world + 1) if world % k == 0)} (0: all ranks)")
 
 
 def _check_norm_fits(cfg: C.Config) -> None:

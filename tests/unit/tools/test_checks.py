@@ -63,3 +63,9 @@ def test_a_resume_without_a_valid_checkpoint_is_refused_and_a_new_run_dir_is_not
         checked_resume(C.build_config(None, [("ckpt.resume", str(tmp_path / "empty"))]))
     checked_resume(C.build_config(None, [("run_dir", str(tmp_path / "new"))]))
     checked_resume(C.build_config(None, [("run_dir", str(tmp_path / "empty"))]))
+
+
+def test_an_fsdp_shard_size_that_does_not_divide_an_explicit_world_is_refused_before_any_rank_starts():
+    with pytest.raises(ConfigError, match=r"shard_size=3: must divide the number of ranks \(2\); choose one of 1, 2"):
+        checked_config(None, [("parallel.strategy", "fsdp"), ("parallel.shard_size", "3"), ("nproc", "2")])
+    checked_config(None, [("parallel.strategy", "fsdp"), ("parallel.shard_size", "2"), ("nproc", "4")])
