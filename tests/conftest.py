@@ -18,7 +18,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def run_phalanx(args, cache: Path, timeout=600, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
     """`python -m phalanx ARGS` in a fresh process, output captured."""
-    env = dict(os.environ, PHALANX_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    # PHALANX_SLURM=0: a test suite run inside a SLURM allocation launches as on any machine (tests/slurm submits
+    # its own jobs, with their own environment).
+    env = dict(os.environ, PHALANX_CACHE=str(cache), PYTHONUNBUFFERED="1", PHALANX_SLURM="0")
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "phalanx", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
