@@ -76,12 +76,14 @@ def test_invariant_training_is_bit_identical_at_1_and_2_ranks(runs):
     assert s1["global_step"] == s2["global_step"] == 16 and s1["loss"] == s2["loss"]
 
 
+@pytest.mark.slow  # `make test` keeps 1 against 2 ranks; this and the resume below run in make test-slow
 def test_one_rank_with_two_micro_batches_equals_two_ranks_with_one(runs):
     one = runs(1, "--global_batch", "16", "--epochs", "1")
     two = runs(2, "--global_batch", "16", "--epochs", "1")
     assert differing(one, two) == []
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_2_ranks_resumes_on_1_rank_to_the_same_bits(runs, cache_dir, data, tmp_path):
     run_dir = tmp_path / "run"
     r = run_phalanx(train(data, run_dir, 2), cache_dir, env_extra={"PHALANX_FAULT": "step:0:5:term"})

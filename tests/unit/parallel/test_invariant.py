@@ -154,6 +154,7 @@ def _combined(tmp_path, count: int, worlds: tuple[int, ...]) -> dict:
     return ref
 
 
+@pytest.mark.slow  # 20 s of process groups: `make test` keeps the power-of-two case (1, 2, 4 ranks)
 def test_combiner_of_6_micro_batches_gives_the_same_bits_at_1_2_and_3_ranks(tmp_path):
     # not a power of two: every micro-batch's gradient is exchanged and summed in the order 0..5
     ref = _combined(tmp_path, 6, (1, 2, 3))
