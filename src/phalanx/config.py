@@ -487,8 +487,7 @@ def fields_of(cls: type = Config, prefix: str = "") -> tuple[FieldInfo, ...]:
         if dataclasses.is_dataclass(t):
             out.extend(fields_of(t, prefix + f.name + "."))
         else:
-            # A trailing underscore only keeps a Python keyword a valid field name: `async_` is `--ckpt.async`.
-            out.append(FieldInfo(prefix + f.name.rstrip("_"), t, getattr(default_obj, f.name), docs.get(f.name, "")))
+            out.append(FieldInfo(prefix + _option(f.name), t, getattr(default_obj, f.name), docs.get(f.name, "")))
     return tuple(out)
 
 
@@ -500,6 +499,13 @@ def _did_you_mean(word: str, choices) -> str:
 def _attr(part: str) -> str:
     """The dataclass field of an option's part (`async` is the field `async_`)."""
     return part + "_" if keyword.iskeyword(part) else part
+
+
+def _option(field_name: str) -> str:
+    """The option of a dataclass field: a trailing underscore only keeps a Python keyword a valid field name
+    (the field `async_` is `--ckpt.async`, and `async = ...` in TOML)."""
+    name = field_name.removesuffix("_")
+    return name if keyword.iskeyword(name) else field_name
 
 
 def get_key(cfg: Any, key: str) -> Any:
@@ -586,7 +592,6 @@ def _coerce(info: FieldInfo, value: Any, origin: str) -> Any:
 
 def _lookup(key: str, origin: str) -> FieldInfo:
     infos = {i.key: i for i in fields_of()}
-    key = key.rstrip("_")  # a field named after a Python keyword (ckpt.async_) is the keyword's option
     if key in infos:
         return infos[key]
     # A bare leaf name is accepted when it is unambiguous: `--lr` means `--optim.lr`.
@@ -689,7 +694,7 @@ def to_toml(cfg: Config) -> str:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            lines = [f"[{f.name}]"] + [f"{g.name.rstrip('_')} = {fmt(getattr(v, g.name))}" for g in dataclasses.fields(v)]
+            lines = [f"[{f.name}]"] + [f"{_option(g.name)} = {fmt(getattr(v, g.name))}" for g in dataclasses.fields(v)]
             tables.append("\n".join(lines))
         else:
             top.append(f"{f.name} = {fmt(v)}")

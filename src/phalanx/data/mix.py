@@ -39,16 +39,9 @@ def mix_layout_error(global_batch: int, accum: int, world: int) -> str | None:
 def world_fits(cfg) -> Callable[[int], bool] | None:
     """Whether the run (`cfg`, a Config) can use a world size: with mixup or CutMix, their pairs whole on each
     rank; with --parallel.invariant, the micro-batches shared equally. None when every world size can."""
-    mix = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
-    invariant = cfg.parallel.invariant
-    if not (mix or invariant):
+    if not (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0 or cfg.parallel.invariant):
         return None
-
-    def fits(world: int) -> bool:
-        if invariant and invariant_world_error(cfg.global_batch, cfg.parallel.micro_batch, world):
-            return False
-        return not mix or mix_layout_error(cfg.global_batch, cfg.grad_accum, world) is None
-    return fits
+    return lambda world: world_error(cfg, world) is None
 
 
 def world_error(cfg, world: int) -> str | None:

@@ -147,8 +147,8 @@ def probe_backend(backend: str, world: int = 2) -> dict:
     if not available:
         res["error"] = f"this torch build ({torch.__version__}) has no {backend}; reinstall torch from pytorch.org"
         return res
-    if kind().device_count():
-        res["ranks"] = world = min(world, kind().device_count())  # NCCL refuses two ranks on one GPU
+    if devices := kind().device_count():
+        res["ranks"] = world = min(world, devices)  # NCCL refuses two ranks on one GPU
     try:
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=PROBE_TIMEOUT_S))
@@ -220,9 +220,8 @@ def _all_reduce_worker(backend: str, rank: int, world: int, port: int) -> None:
 def matmul_rates(seconds: float = 0.6) -> list[dict]:
     """Measured square-matmul rates in GFLOP/s (tools/bench.py's matmul_peak) on the first device ranks would be
     bound to, or on the CPU with all usable cores: fp32, and bf16 where it is native."""
-    accel = runtime.accelerator()
-    if accel.tuned is False:  # XLA: a matmul there times a compilation first; the CPU's rate is what is asked
-        accel = runtime.KINDS["cpu"]()
+    # The GPUs ranks would be bound to, else the host's cores (not XLA: a matmul there times its compilation).
+    accel = next(kind() for kind in (runtime.KINDS["cuda"], runtime.KINDS["cpu"]) if kind.is_available())
     bound = accel.device_count() > 0  # a GPU: one rank per device; else the host's cores
     device = accel.bind(0)
     dtypes = [torch.float32] + ([torch.bfloat16] if accel.bf16_supported() else [])

@@ -29,9 +29,10 @@ log = logging.getLogger("phalanx")
 
 
 def asynchronous(ckpt: CheckpointConfig, sharded: bool) -> bool:
-    """Whether this run writes its checkpoints in the background: `--ckpt.async true`, or auto for a replicated
-    model (staging it costs a copy of memory; the write is fsyncs and checksums, many times longer)."""
-    return ckpt.async_ == "true" or (ckpt.async_ == "auto" and not sharded)
+    """Whether this run writes its checkpoints in the background: a replicated model unless `--ckpt.async false`
+    (staging it costs a copy of memory; the write is fsyncs and checksums, many times longer). A sharded model is
+    written by DCP in the step, whatever the option says, for now."""
+    return ckpt.async_ != "false" and not sharded
 
 
 def stage(obj: Any, pin: Callable[[torch.Tensor], torch.Tensor] | None = None, into: Any = None) -> Any:
@@ -59,8 +60,8 @@ def stage(obj: Any, pin: Callable[[torch.Tensor], torch.Tensor] | None = None, i
 
 
 class CheckpointWriter:
-    """Runs checkpoint writes one at a time on a background thread (or in the caller's thread when not
-    `enabled`)."""
+    """Runs checkpoint writes one at a time on a background thread; not `enabled`, it has no thread and the run
+    writes its checkpoints in the step (train/loop.py's save_checkpoint)."""
 
     def __init__(self, enabled: bool = False):
         self.enabled = enabled

@@ -372,7 +372,7 @@ def save_checkpoint(run: Run, reason: str):
             path = ckpt.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
         if env.is_main:
             staged = (f"; {1e3 * run.writer.blocked_s[-1]:.0f} ms to stage, written in the background"
-                      if run.writer.enabled and not state.strategy.sharded else "")
+                      if run.writer.enabled else "")
             run.log.info(f"checkpoint {path} ({reason}{staged})")
     return path
 
