@@ -1,4 +1,5 @@
 """Runs shared by the multi-process tests: each is trained once per session, on first use."""
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,20 +30,26 @@ def assert_same_weights(a: Path, b: Path, exact=True):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.fixture(scope="session")
-def reference_runs(tmp_path_factory, cache_dir, small_idx):
-    """`reference_runs(nproc, *extra)` -> the run directory of an uninterrupted `cmd(...)` run (BASE, EXACT;
-    BatchNorm and EMA 0.98 unless `extra` says otherwise), trained once per session."""
-    out = tmp_path_factory.mktemp("reference")
+def trained_once(out: Path, cache_dir: Path, command: Callable[..., list]) -> Callable[..., Path]:
+    """`get(nproc, *extra)` -> the run directory (in `out`) of an uninterrupted `phalanx` run of
+    `command(run_dir, nproc, *extra)`, trained on first use and reused after."""
     done: dict = {}
 
     def get(nproc: int, *extra: str) -> Path:
         key = (nproc, extra)
         if key not in done:
             run_dir = out / f"run{len(done)}-n{nproc}"
-            r = run_phalanx(cmd(small_idx, run_dir, nproc, *extra), cache_dir)
+            r = run_phalanx(command(run_dir, nproc, *extra), cache_dir)
             assert r.returncode == 0, r.stdout + r.stderr
             done[key] = run_dir
         return done[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory, cache_dir, small_idx):
+    """`reference_runs(nproc, *extra)` -> the run directory of an uninterrupted `cmd(...)` run (BASE, EXACT;
+    BatchNorm and EMA 0.98 unless `extra` says otherwise), trained once per session."""
+    return trained_once(tmp_path_factory.mktemp("reference"), cache_dir,
+                        lambda run_dir, nproc, *extra: cmd(small_idx, run_dir, nproc, *extra))

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_idx_dataset, run_phalanx
+from tests.dist.conftest import trained_once
 
 pytestmark = pytest.mark.dist
 
@@ -30,19 +31,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir, data):
     """`runs(nproc, *extra)` -> the run directory of an uninterrupted RECIPE run, trained once per module."""
-    out = tmp_path_factory.mktemp("invariant")
-    done: dict = {}
-
-    def get(nproc: int, *extra: str) -> Path:
-        key = (nproc, extra)
-        if key not in done:
-            run_dir = out / f"run{len(done)}-n{nproc}"
-            r = run_phalanx(train(data, run_dir, nproc, *extra), cache_dir)
-            assert r.returncode == 0, r.stdout + r.stderr
-            done[key] = run_dir
-        return done[key]
-
-    return get
+    return trained_once(tmp_path_factory.mktemp("invariant"), cache_dir,
+                        lambda run_dir, nproc, *extra: train(data, run_dir, nproc, *extra))
 
 
 def train(data, run_dir, nproc, *extra) -> list:

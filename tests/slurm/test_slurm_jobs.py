@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_phalanx
-from tests.dist.conftest import BASE, EXACT, assert_same_weights
+from tests.dist.conftest import BASE, EXACT, assert_same_weights, trained_once
 from tests.slurm.conftest import job_state, restart_count, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -28,16 +27,8 @@ def train_args(data: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, cache_dir, small_idx):
     """The same trainings run directly (no SLURM), once each."""
-    out, done = tmp_path_factory.mktemp("direct"), {}
-
-    def get(nproc: int, *extra: str) -> Path:
-        if (nproc, extra) not in done:
-            run_dir = out / f"n{nproc}-{len(done)}"
-            r = run_phalanx(["train", "--run_dir", run_dir, "--nproc", nproc, *train_args(small_idx, *extra)], cache_dir)
-            assert r.returncode == 0, r.stdout + r.stderr
-            done[(nproc, extra)] = run_dir
-        return done[(nproc, extra)]
-    return get
+    return trained_once(tmp_path_factory.mktemp("direct"), cache_dir, lambda run_dir, nproc, *extra: [
+        "train", "--run_dir", run_dir, "--nproc", nproc, *train_args(small_idx, *extra)])
 
 
 def job_env(cluster: dict, cache_dir: Path) -> dict:
