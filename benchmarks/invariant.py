@@ -1,6 +1,7 @@
 """What `--parallel.invariant true` costs: img/s and bytes sent per step, against plain DDP, at 2 ranks.
 
     python benchmarks/invariant.py [--nproc 2] [--steps 20] [--repeats 5] [--micro_batches 32,128] [--train_steps 60]
+    python benchmarks/invariant.py --strategy fsdp      # FSDP2 against invariant FSDP2 (results/invariant_fsdp.json)
 
 Two measurements, the default recipe's model (phalanx_cnn, width 32, Fashion-MNIST's 28x28x1, global batch 256):
 - the step alone: each rank (started by torch.distributed.run, one thread each) runs phalanx's own `train_step`
@@ -51,7 +52,8 @@ def worker(a) -> None:
     from phalanx.train.setup import build_state
     from phalanx.train.step import train_step
 
-    pairs = [("parallel.threads_per_rank", "1"), ("precision", a.precision), ("tune", "false")]
+    pairs = [("parallel.threads_per_rank", "1"), ("precision", a.precision), ("tune", "false"),
+             ("parallel.strategy", a.strategy)]
     if a.micro_batch:
         pairs += [("parallel.invariant", "true"), ("parallel.micro_batch", str(a.micro_batch))]
     cfg = C.build_config(None, pairs)
@@ -100,12 +102,13 @@ def worker(a) -> None:
     rdist.teardown()
 
 
-def step_run(nproc: int, micro_batch: int, steps: int, warmup: int, precision: str, tmp: Path) -> dict:
+def step_run(nproc: int, micro_batch: int, steps: int, warmup: int, precision: str, tmp: Path,
+             strategy: str = "ddp") -> dict:
     for f in tmp.glob("rank*.json"):
         f.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__,
            "--worker", "--out", str(tmp), "--micro_batch", str(micro_batch), "--steps", str(steps), "--warmup",
-           str(warmup), "--precision", precision]
+           str(warmup), "--precision", precision, "--strategy", strategy]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if r.returncode:
         raise RuntimeError(f"benchmark ranks failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -116,8 +119,9 @@ def step_run(nproc: int, micro_batch: int, steps: int, warmup: int, precision: s
             "micro_steps": ranks[0]["micro_steps"], "params": ranks[0]["params"]}
 
 
-def label(micro_batch: int) -> str:
-    return f"invariant, micro_batch {micro_batch}" if micro_batch else "DDP (invariant off)"
+def label(micro_batch: int, strategy: str = "ddp") -> str:
+    name = "FSDP2" if strategy == "fsdp" else "DDP"
+    return f"{name} invariant, micro_batch {micro_batch}" if micro_batch else f"{name} (invariant off)"
 
 
 def main() -> int:
@@ -130,7 +134,8 @@ def main() -> int:
     p.add_argument("--micro_batches", default="32,128", help="invariant micro-batch sizes to measure")
     p.add_argument("--precision", default="auto")
     p.add_argument("--train_steps", type=int, default=60, help="steps of each end-to-end run (0: skip them)")
-    p.add_argument("--json", default=str(HERE / "results" / "invariant.json"))
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    p.add_argument("--json", default="", help="default: results/invariant.json (ddp), results/invariant_fsdp.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     p.add_argument("--micro_batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -147,12 +152,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.repeats):  # alternate, so that a slower minute of a shared machine hits every setting
             for m in settings:
-                runs[m].append(step_run(a.nproc, m, a.steps, a.warmup, a.precision, Path(tmp)))
+                runs[m].append(step_run(a.nproc, m, a.steps, a.warmup, a.precision, Path(tmp), a.strategy))
     rows = []
     for m in settings:
         rates = [r["img_s"] for r in runs[m]]
         sent = [r["bytes_sent_per_step"] for r in runs[m]]
-        rows.append({"setting": label(m), "micro_batch": m, "micro_steps_per_rank": runs[m][0]["micro_steps"],
+        rows.append({"setting": label(m, a.strategy), "micro_batch": m, "micro_steps_per_rank": runs[m][0]["micro_steps"],
                      "step_img_s": round(statistics.median(rates), 1), "step_img_s_best": round(max(rates), 1),
                      "step_img_s_all": [round(x, 1) for x in rates],
                      "bytes_sent_per_step_per_rank": round(statistics.mean(sent)),
@@ -168,7 +173,8 @@ def main() -> int:
             r["train_img_s_all"] = []
         for _ in range(a.train_repeats):
             for r in rows:
-                extra = ["--precision", base["precision"], "--tune", "false", "--data", "fashion_mnist"]
+                extra = ["--precision", base["precision"], "--tune", "false", "--data", "fashion_mnist",
+                         "--parallel.strategy", a.strategy]
                 if r["micro_batch"]:
                     extra += ["--parallel.invariant", "true", "--parallel.micro_batch", str(r["micro_batch"])]
                 r["train_img_s_all"].append(train_rate(a.nproc, 1, a.train_steps, 256, extra)["img_s"])
@@ -177,7 +183,7 @@ def main() -> int:
             r["train_img_s_best"] = max(r["train_img_s_all"])
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": usable_cores(), "nproc": a.nproc,
               "model": "phalanx_cnn (width 32), 28x28x1, global batch 256", "params": runs[0][0]["params"],
-              "steps": a.steps, "repeats": a.repeats, "rows": rows}
+              "strategy": a.strategy, "steps": a.steps, "repeats": a.repeats, "rows": rows}
     print(f"{'setting':30} {'micro-steps':>11} {'step img/s median/best':>23} {'x time':>11} {'sent/step/rank':>15}"
           f" {'x bytes':>8} {'train img/s median/best':>24}")
     for r in rows:
@@ -185,8 +191,9 @@ def main() -> int:
         print(f"{r['setting']:30} {r['micro_steps_per_rank']:>11} {r['step_img_s']:>12,.0f} / {r['step_img_s_best']:<8,.0f}"
               f" {r['step_time_ratio']:>5.2f}/{r['step_time_ratio_best']:<5.2f}"
               f" {r['bytes_sent_per_step_per_rank'] / 2**20:>11.3f} MiB {r['bytes_ratio']:>8.2f} {e2e:>24}")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(a.json or HERE / "results" / ("invariant.json" if a.strategy == "ddp" else "invariant_fsdp.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0
 

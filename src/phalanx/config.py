@@ -425,8 +425,9 @@ def _check_invariant(cfg: Config, need) -> None:
          "must be even with mixup/CutMix: a micro-batch holds whole pairs (2i, 2i+1) of the global batch")
     need(cfg.grad_accum == 1, "grad_accum", "must be 1 with --parallel.invariant true: --parallel.micro_batch sets "
          "the micro-batches each rank accumulates")
-    need(p.strategy == "ddp", "parallel.strategy", "--parallel.invariant true is not supported with fsdp yet; use "
-         "--parallel.strategy ddp (or --parallel.invariant false)")
+    need(p.shard_size == 0, "parallel.shard_size", "hybrid sharding is not world-size invariant (its all-reduce "
+         "across replica groups sums in an order of its own); use --parallel.shard_size 0 with --parallel.invariant "
+         "true")
     need(not p.sync_bn, "parallel.sync_bn", "--parallel.invariant true computes BatchNorm per micro-batch (ghost "
          "batches); set --parallel.sync_bn false")
     need(cfg.device != "xla", "device", "--parallel.invariant true runs on cpu or cuda; use --device cpu")

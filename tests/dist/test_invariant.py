@@ -48,6 +48,22 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def sharded_state(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded (DCP) checkpoint, gathered whole: {"model/..", "ema/..", "optim/state/.."}."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(ckpt, tmp / "whole.pt")
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            out[prefix] = value
+    walk("", torch.load(tmp / "whole.pt", weights_only=True))
+    return out
+
+
 def differing(a: Path, b: Path) -> list[str]:
     sa, sb = final_state(a), final_state(b)
     assert sa.keys() == sb.keys()
@@ -122,3 +138,43 @@ def test_invariant_training_in_bf16_is_bit_identical_at_1_and_2_ranks(runs):
     one, two = runs(1, "--precision", "bf16"), runs(2, "--precision", "bf16")
     assert "precision bf16" in (two / "logs" / "rank-0.log").read_text()
     assert differing(one, two) == []
+
+
+FSDP = ("--parallel.strategy", "fsdp")
+
+
+def test_invariant_fsdp_is_bit_identical_at_1_and_2_ranks(runs, tmp_path):
+    # FSDP2 keeps its parameters contiguous (not channels-last as DDP's): its bits are those of FSDP at one rank
+    one, two = runs(1, *FSDP), runs(2, *FSDP)
+    assert "fsdp: 7 shard units" in (two / "logs" / "rank-0.log").read_text()
+    ref = final_state(one)
+    got = {f"export/{k}": v for k, v in load_file(two / "model.safetensors").items()}
+    last = sorted((two / "checkpoints").glob("step-*"))[-1]
+    assert (last / ".metadata").exists()  # sharded: one DCP file per rank
+    sharded = sharded_state(last, tmp_path)
+    got.update({k: v for k, v in sharded.items() if k.split("/")[0] in ("model", "ema")})
+    assert len(got) > 70
+    assert [k for k in got if not torch.equal(got[k], ref[k])] == []
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s1["global_step"] == s2["global_step"] == 16 and s1["loss"] == s2["loss"]
+
+
+@pytest.mark.slow
+def test_invariant_fsdp_is_bit_identical_at_2_and_4_ranks_optimizer_state_included(runs, tmp_path):
+    two, four = runs(2, *FSDP), runs(4, *FSDP)
+    a, b = (sharded_state(sorted((d / "checkpoints").glob("step-*"))[-1], tmp_path) for d in (two, four))
+    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    wa, wb = (load_file(d / "model.safetensors") for d in (two, four))
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_of_2_ranks_resumes_on_1_rank_to_the_same_bits(runs, cache_dir, data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_phalanx(train(data, run_dir, 2, *FSDP), cache_dir, env_extra={"PHALANX_FAULT": "step:0:5:term"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (run_dir / "checkpoints" / "step-00000005" / ".metadata").exists()
+    r = run_phalanx(train(data, run_dir, 1, *FSDP), cache_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert differing(runs(1, *FSDP), run_dir) == []  # the whole state, optimizer included

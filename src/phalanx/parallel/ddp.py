@@ -73,6 +73,9 @@ class DDPStrategy:
     def after_step(self) -> None:
         average_across_ranks(self._norm_stats)
 
+    def clip_gradients(self, max_norm: float) -> None:
+        nn.utils.clip_grad_norm_(self.plain.parameters(), max_norm)
+
     def model_state(self) -> dict[str, torch.Tensor]:
         return self.plain.state_dict()
 

@@ -195,6 +195,10 @@ class FSDPStrategy:
     def after_step(self) -> None:
         average_across_ranks(self._norm_stats)
 
+    def clip_gradients(self, max_norm: float) -> None:
+        """torch's clip over the sharded gradients (their norm is all-reduced by DTensor)."""
+        nn.utils.clip_grad_norm_(self.plain.parameters(), max_norm)
+
     # -- state
 
     def model_state(self) -> dict[str, torch.Tensor]:

@@ -93,6 +93,52 @@ def fixed_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return level[0].clone() if len(parts) == 1 else level[0]
 
 
+def pairwise_row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Each row of a 2-D tensor summed as one fixed pairwise tree over its columns (the tree of `fixed_order_sum`):
+    elementwise additions only, so a row's sum is the same whether it is a row of a whole tensor or of a shard."""
+    while x.shape[1] > 1:
+        even = x.shape[1] - x.shape[1] % 2
+        pairs = x[:, 0:even:2] + x[:, 1:even:2]
+        x = torch.cat([pairs, x[:, even:]], dim=1) if even < x.shape[1] else pairs
+    return x[:, 0]
+
+
+def row_square_sums(grad: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of each dim-0 row of a gradient (one value for a scalar), in the fixed tree."""
+    g = grad.detach().float()
+    rows = g.shape[0] if g.dim() else 1
+    if g.numel() == 0:
+        return torch.zeros(rows, dtype=torch.float32, device=g.device)
+    g = g.reshape(rows, -1)
+    return pairwise_row_sums(g * g)
+
+
+def fixed_order_norm(parts: list[tuple[torch.Tensor | None, int]], rows: int, device: torch.device,
+                     sum_over_ranks: bool = False) -> torch.Tensor:
+    """The L2 norm of all gradients as sqrt of one fixed pairwise tree over every dim-0 row of every parameter
+    (in parameter order), from `parts` = (this rank's gradient rows or None, the global index of its first row).
+
+    torch's clip_grad_norm_ takes a norm per tensor with a reduction kernel whose order follows the tensor's
+    shape, so a shard's norm is not a part of the whole tensor's. Here every row is summed in a fixed tree, and a
+    row lies whole on one rank: with `sum_over_ranks` each rank fills only its own rows and an all_reduce of
+    vectors with disjoint non-zero entries is exact (x + 0 = x), so every world size gets the same bits."""
+    vec = torch.zeros(rows, dtype=torch.float32, device=device)
+    for grad, first in parts:
+        if grad is not None:
+            sums = row_square_sums(grad)
+            vec[first:first + sums.numel()] = sums
+    if sum_over_ranks:
+        dist.all_reduce(vec)
+    return pairwise_row_sums(vec.view(1, -1))[0].sqrt()
+
+
+def clip_by_norm_(grads: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
+    """torch's clip_grad_norm_ scaling (max_norm / (total + 1e-6), at most 1) with a given norm: elementwise."""
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+
+
 def tracked_norms(model: nn.Module) -> list[_NormBase]:
     """The BatchNorm-like layers that keep running statistics."""
     return [m for m in model.modules()
@@ -108,11 +154,12 @@ class MicroBatchCombiner:
     partial sum is exchanged.
     """
 
-    def __init__(self, model: nn.Module, count: int, world: int, rank: int):
+    def __init__(self, model: nn.Module, count: int, world: int, rank: int, grads: bool = True):
+        """`grads=False`: the norm statistics only (FSDP sums the gradients through its own reduce-scatter)."""
         if count % world:
             raise ValueError(f"{count} micro-batches cannot be shared by {world} ranks")
         self.count, self.world, self.rank, self.local = count, world, rank, count // world
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad] if grads else []
         self.norms = tracked_norms(model)
         self.momenta = [m.momentum for m in self.norms]
         for m in self.norms:  # a forward now leaves exactly its batch's statistics (buffers zeroed before it)
@@ -121,7 +168,7 @@ class MicroBatchCombiner:
         self.n_grad = sum(p.numel() for p in self.params)
         n = self.n_grad + sum(b.numel() for b in self.stats)
         self.slice = math.ceil(n / world)
-        device = self.params[0].device if self.params else torch.device("cpu")
+        device = next((t.device for t in [*self.params, *self.stats]), torch.device("cpu"))
         self.rows = torch.zeros(self.local, self.slice * world, dtype=torch.float32, device=device)
         self.filled = 0
         self.before: list[torch.Tensor] = []  # the norm statistics before this step's first micro-batch
@@ -205,6 +252,20 @@ class MicroBatchCombiner:
         self.filled = 0
 
 
+def same_arithmetic_on_every_rank(cfg: Config, env: DistEnv) -> None:
+    """One intra-op thread on CPU; deterministic kernels on GPUs (torch's error, rather than other bits, where an
+    op has none). Untested on GPUs so far."""
+    if env.accel.kind == "cpu" and torch.get_num_threads() != INVARIANT_THREADS:
+        logging.getLogger("phalanx").info(
+            f"invariant training: {INVARIANT_THREADS} intra-op thread per rank (not {torch.get_num_threads()}): "
+            f"a micro-batch's gradients must not depend on the thread count")
+        torch.set_num_threads(INVARIANT_THREADS)
+        env.threads = INVARIANT_THREADS
+    if env.accel.kind != "cpu":
+        env.accel.configure_training(deterministic=True, tf32=cfg.tf32)
+        torch.use_deterministic_algorithms(True)
+
+
 class InvariantDDPStrategy(DDPStrategy):
     """Replicated like DDP, with the gradient sum of `MicroBatchCombiner` in place of DDP's all-reduce."""
 
@@ -214,17 +275,7 @@ class InvariantDDPStrategy(DDPStrategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         cfg, env = self.cfg, self.env
-        if env.accel.kind == "cpu" and torch.get_num_threads() != INVARIANT_THREADS:
-            logging.getLogger("phalanx").info(
-                f"invariant training: {INVARIANT_THREADS} intra-op thread per rank (not {torch.get_num_threads()}): "
-                f"a micro-batch's gradients must not depend on the thread count")
-            torch.set_num_threads(INVARIANT_THREADS)
-            env.threads = INVARIANT_THREADS
-        if env.accel.kind != "cpu":
-            # GPUs: no per-process autotuned algorithm choice, and torch's error (rather than other bits) where
-            # an op has no deterministic kernel. Untested on GPUs so far.
-            env.accel.configure_training(deterministic=True, tf32=cfg.tf32)
-            torch.use_deterministic_algorithms(True)
+        same_arithmetic_on_every_rank(cfg, env)
         model = model.to(env.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -243,6 +294,16 @@ class InvariantDDPStrategy(DDPStrategy):
         """Each micro-batch's gradient is kept apart; after the last of the step (`sync`) they are summed in the
         fixed order on every rank (the all_to_all and all_gather run here)."""
         return self.combiner.micro_batch(last=sync)
+
+    @torch.no_grad()
+    def clip_gradients(self, max_norm: float) -> None:
+        """Clip by the fixed-order norm (every rank holds every whole gradient: no communication)."""
+        parts, rows = [], 0
+        for p in self.plain.parameters():
+            parts.append((p.grad, rows))
+            rows += p.shape[0] if p.dim() else 1
+        total = fixed_order_norm(parts, rows, self.env.device)
+        clip_by_norm_([p.grad for p in self.plain.parameters() if p.grad is not None], total, max_norm)
 
     def after_step(self) -> None:
         """Nothing to agree on: every rank computed the same sums, statistics included."""

@@ -5,6 +5,7 @@ model (ddp.py), FSDP2 shards it (fsdp.py).
     averaged       the EMA of the weights, laid out like the model
     no_sync        the context of a micro-step's backward: skip the gradient reduction unless `sync`
     after_step     keep the ranks holding one model after each optimizer step
+    clip_gradients scale the gradients down to a total norm of at most max_norm
     model_state    the weights and buffers to checkpoint: full tensors, or this rank's shards when `sharded`
     optim_state    the optimizer state to checkpoint, likewise
     full_state     a module's plain, full state_dict for the exported weights (collective when sharded)
@@ -39,6 +40,8 @@ class Strategy(Protocol):
 
     def after_step(self) -> None: ...
 
+    def clip_gradients(self, max_norm: float) -> None: ...
+
     def model_state(self) -> dict[str, torch.Tensor]: ...
 
     def optim_state(self, optimizer: torch.optim.Optimizer) -> dict: ...
@@ -56,6 +59,9 @@ def build_strategy(cfg, env) -> Strategy:
     """The strategy `--parallel.strategy` names (DDP with a fixed-order gradient sum under `--parallel.invariant`)."""
     # Imported here, not above: fsdp.py imports FSDP2 and DCP's state-dict API (~0.3 s), which a DDP run and
     # the launcher never use.
+    if cfg.parallel.strategy == "fsdp" and cfg.parallel.invariant:
+        from phalanx.parallel.invariant_fsdp import InvariantFSDPStrategy  # here: imports FSDP2, see above
+        return InvariantFSDPStrategy(cfg, env)
     if cfg.parallel.strategy == "fsdp":
         from phalanx.parallel.fsdp import FSDPStrategy  # imported here: see above
         return FSDPStrategy(cfg, env)

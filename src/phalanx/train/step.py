@@ -10,7 +10,6 @@ micro-batch's gradient apart, summing them all in one fixed order after the last
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from phalanx.data.loader import Batch
@@ -54,7 +53,7 @@ def optimizer_step(state: TrainState, grad_clip: float, ema_steps: int = 1) -> N
     with region("optimizer"):
         if grad_clip > 0:
             state.precision.unscale_(state.optimizer)
-            nn.utils.clip_grad_norm_(state.plain.parameters(), grad_clip)
+            state.strategy.clip_gradients(grad_clip)
         state.precision.step(state.optimizer)
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()

@@ -85,7 +85,8 @@ def test_the_rank_refuses_a_world_the_launcher_could_not_check():
     (("grad_accum", "2"), "grad_accum=2", "--parallel.micro_batch sets"),
     (("parallel.micro_batch", "7", "global_batch", "56", "augment.mixup", "0.2"), "parallel.micro_batch=7",
      "must be even with mixup/CutMix"),
-    (("parallel.strategy", "fsdp"), "parallel.strategy='fsdp'", "not supported with fsdp yet; use --parallel.strategy ddp"),
+    (("parallel.strategy", "fsdp", "parallel.shard_size", "2"), "parallel.shard_size=2",
+     "hybrid sharding is not world-size invariant"),
 ])
 def test_what_invariant_mode_refuses(pairs, field, says):
     with pytest.raises(ConfigError) as e:
@@ -226,3 +227,47 @@ def test_the_invariant_strategy_trains_the_plain_model_on_one_thread():
         assert torch.equal(p.grad, want), i
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bn and all(int(m.num_batches_tracked) == 1 for m in bn)  # one update per step, not per micro-batch
+
+
+def test_a_rows_sum_does_not_depend_on_the_rows_beside_it():
+    from phalanx.parallel.invariant import pairwise_row_sums, row_square_sums
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(13, 7, 5, generator=g) * torch.logspace(-6, 6, 13)[:, None, None]
+    whole = row_square_sums(full)
+    for world in (2, 3, 4):  # the shards of FSDP2 (torch.chunk over dim 0)
+        assert torch.equal(torch.cat([row_square_sums(c) for c in full.chunk(world)]), whole)
+    # the fixed tree itself: ((a0 + a1) + (a2 + a3)) + a4 for five columns
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    assert torch.equal(pairwise_row_sums(x), ((x[:, 0] + x[:, 1]) + (x[:, 2] + x[:, 3])) + x[:, 4])
+    assert row_square_sums(torch.empty(0, 4)).shape == (0,) and row_square_sums(torch.tensor(3.0)).item() == 9.0
+
+
+def test_the_fixed_order_norm_is_the_same_from_whole_gradients_and_from_disjoint_shards():
+    from phalanx.parallel.invariant import clip_by_norm_, fixed_order_norm, pairwise_row_sums, row_square_sums
+    g = torch.Generator().manual_seed(4)
+    grads = [torch.randn(6, 3, 3, 3, generator=g), torch.randn(6, generator=g) * 1e3, torch.randn(10, 7, generator=g)]
+    offsets = [0, 6, 12]
+    whole = fixed_order_norm(list(zip(grads, offsets)), 22, torch.device("cpu"))
+    torch.testing.assert_close(whole, torch.linalg.vector_norm(torch.cat([t.flatten() for t in grads])))
+    for world in (2, 3):  # each rank fills only its own rows (FSDP2's dim-0 chunks) of the vector of row sums
+        vecs = [torch.zeros(22) for _ in range(world)]
+        for rank, vec in enumerate(vecs):
+            for t, first in zip(grads, offsets):
+                c = -(-t.shape[0] // world)
+                shard = t[rank * c:(rank + 1) * c]
+                start = first + min(rank * c, t.shape[0])
+                vec[start:start + shard.shape[0]] = row_square_sums(shard)
+        for order in (vecs, vecs[::-1]):  # an all_reduce in any order: disjoint entries, x + 0 = x
+            total = order[0].clone()
+            for v in order[1:]:
+                total = total + v
+            assert torch.equal(pairwise_row_sums(total.view(1, -1))[0].sqrt(), whole)
+    clipped = [t.clone() for t in grads]
+    clip_by_norm_(clipped, whole, 1.0)
+    ref = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for r, t in zip(ref, grads):
+        r.grad = t.clone()
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)  # torch's clip, to rounding
+    for a, b in zip(clipped, ref):
+        torch.testing.assert_close(a, b.grad)
+    assert not torch.allclose(clipped[1], grads[1])
