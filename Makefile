@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211 test-slurm
+.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211 test-slurm test-streaming test-ray
 
 setup: $(STAMP)
 
@@ -23,11 +23,11 @@ run: data
 	$(VENV)/bin/phalanx train $(ARGS)
 
 test: data lint
-	$(PY) -m pytest -q -m "not slow and not xla and not slurm" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not xla and not slurm and not ray and not streaming" $(ARGS)
 
 # Further real launches (kept out of `make test` to hold it under 10 minutes); CI runs this lane too.
 test-slow: data
-	$(PY) -m pytest -q -m "slow and not xla and not slurm" $(ARGS)
+	$(PY) -m pytest -q -m "slow and not xla and not slurm and not ray and not streaming" $(ARGS)
 
 # Real jobs through SLURM's daemons, started on this machine by the tests (tests/slurm/conftest.py): Debian's
 # slurm-wlm and munge are installed first when missing (root); without root the tests skip with one line.
@@ -36,11 +36,21 @@ test-slurm: data
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; fi
 	$(PY) -m pytest -q -m slurm tests/slurm $(ARGS)
 
+# Ray Train workers on a local Ray cluster the tests start (2 CPUs) and stop: installs the `ray` extra first.
+test-ray: data
+	$(PY) -m pip install -q -e '.[ray]' || echo "test-ray: the ray extra could not be installed; tests/ray will skip"
+	$(PY) -m pytest -q -m ray tests/ray $(ARGS)
+
+# Shards from real servers on loopback: moto's S3 server and Python's HTTP server, started and stopped by the tests
+# (tests/streaming/conftest.py); moto[server], s3fs and webdataset come with the dev extra.
+test-streaming: data
+	$(PY) -m pytest -q -m streaming tests/streaming $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 test-fast: data
-	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla and not slurm" $(ARGS)
+	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla and not slurm and not ray and not streaming" $(ARGS)
 
 bench: data
 	$(PY) -m pip install -q -e '.[bench]'
@@ -79,7 +89,7 @@ $(TSTAMP): pyproject.toml
 	@touch $(TSTAMP)
 
 test-torch211: $(TSTAMP) data
-	$(TPY) -m pytest -q -m "not slow and not xla and not slurm" $(ARGS)
+	$(TPY) -m pytest -q -m "not slow and not xla and not slurm and not ray" $(ARGS)
 
 # On this machine: .gpu/ with what the offline GPU machine lacks (Fashion-MNIST, cp312 wheels).
 gpu-pack: data

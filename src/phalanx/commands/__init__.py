@@ -11,6 +11,8 @@
     phalanx report RUN_DIR [RUN_DIR ...] [--out DIR]  plots and one HTML page of runs (several: compared)
     phalanx tune [--KEY=VALUE ...]                    measure what `auto` chooses for this training, print the table
     phalanx slurm script|submit ... -- [train options]  an sbatch script for a run, printed or submitted
+    phalanx ray train [--workers N] ... -- [train options]  the ranks of a run as Ray Train workers
+    phalanx k8s manifest [--replicas N] ... -- [train options]  Kubernetes manifests (PyTorchJob, Indexed Job)
 
 Two processes run these modules: the launcher (the command the user typed: commands/train.py validates,
 prepares, tunes and launches) and each rank it starts (commands/rank.py). A user's own
@@ -33,7 +35,7 @@ USAGE = __doc__.split("\n\n", 2)[1]
 
 COMMANDS = {"train": "train", "tune": "train", "eval": "evaluate", "predict": "evaluate", "data": "data",
             "models": "models", "bench": "bench", "export": "export", "doctor": "doctor", "report": "report",
-            "slurm": "slurm"}
+            "slurm": "slurm", "ray": "ray", "k8s": "k8s"}
 """Command name -> the module of phalanx.commands that runs it (its `COMMANDS[name]`): imported when used, so
 that a command pays for its own imports only (the tools' matplotlib, onnx, torchvision's model zoo...)."""
 
