@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phalanx-installed
 ARGS   ?=
 
-.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211 test-slurm test-streaming test-ray
+.PHONY: run test test-slow test-fast lint bench setup data clean gpu-pack gpu-check setup-xla test-xla test-torch211 test-slurm test-streaming test-ray test-netns
 
 setup: $(STAMP)
 
@@ -23,11 +23,11 @@ run: data
 	$(VENV)/bin/phalanx train $(ARGS)
 
 test: data lint
-	$(PY) -m pytest -q -m "not slow and not xla and not slurm and not ray and not streaming" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not xla and not slurm and not ray and not streaming and not netns" $(ARGS)
 
 # Further real launches (kept out of `make test` to hold it under 10 minutes); CI runs this lane too.
 test-slow: data
-	$(PY) -m pytest -q -m "slow and not xla and not slurm and not ray and not streaming" $(ARGS)
+	$(PY) -m pytest -q -m "slow and not xla and not slurm and not ray and not streaming and not netns" $(ARGS)
 
 # Real jobs through SLURM's daemons, started on this machine by the tests (tests/slurm/conftest.py): Debian's
 # slurm-wlm and munge are installed first when missing (root); without root the tests skip with one line.
@@ -35,6 +35,13 @@ test-slurm: data
 	@if [ ! -x /usr/sbin/slurmctld ] && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; fi
 	$(PY) -m pytest -q -m slurm tests/slurm $(ARGS)
+
+# Two nodes on separate networks: network namespaces joined by a veth pair on a test-only subnet, made and removed
+# by the tests (tests/netns/conftest.py); iproute2 is installed first when missing (root); without root they skip.
+test-netns: data
+	@if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; fi
+	$(PY) -m pytest -q -m netns tests/netns $(ARGS)
 
 # Ray Train workers on a local Ray cluster the tests start (2 CPUs) and stop: installs the `ray` extra first.
 test-ray: data
@@ -50,7 +57,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 test-fast: data
-	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla and not slurm and not ray and not streaming" $(ARGS)
+	$(PY) -m pytest -q -m "not dist and not e2e and not slow and not xla and not slurm and not ray and not streaming and not netns" $(ARGS)
 
 bench: data
 	$(PY) -m pip install -q -e '.[bench]'
@@ -89,7 +96,7 @@ $(TSTAMP): pyproject.toml
 	@touch $(TSTAMP)
 
 test-torch211: $(TSTAMP) data
-	$(TPY) -m pytest -q -m "not slow and not xla and not slurm and not ray" $(ARGS)
+	$(TPY) -m pytest -q -m "not slow and not xla and not slurm and not ray and not netns" $(ARGS)
 
 # On this machine: .gpu/ with what the offline GPU machine lacks (Fashion-MNIST, cp312 wheels).
 gpu-pack: data

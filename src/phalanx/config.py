@@ -54,6 +54,10 @@ class DataConfig:
     """Decode an ImageFolder in DataLoader workers every step instead of preparing a store (needs data.size)."""
     stream_workers: int = 0
     """DataLoader workers per rank when streaming (0: this node's cores divided among its ranks, at least 1)."""
+    shard_cache: str = "20GB"
+    """Byte budget of each node's local cache of shards (--data URL of `phalanx data shard`'s index): LRU out."""
+    shard_buffer: int = 0
+    """Samples shuffled together after the shards are shuffled (0: a shard's worth, from the index)."""
 
 
 @dataclass
@@ -182,6 +186,12 @@ class ParallelConfig:
     """The same weights, bit for bit, at any world size dividing the micro-batch count (ghost BatchNorm, fixed-order gradient sum, 1 thread per rank)."""
     micro_batch: int = 32
     """With `invariant`: images per micro-batch (its BatchNorm ghost batch); must divide global_batch."""
+    grad_compression: Literal["none", "bf16", "powersgd"] = "none"
+    """DDP: compress gradients for their all-reduce with PyTorch's comm hooks: bf16 (half the bytes of fp32) or powersgd (rank-r factors per layer, with error feedback)."""
+    powersgd_rank: int = 1
+    """With `grad_compression powersgd`: the rank r of each layer's approximation ((n+m)*r numbers sent for an n x m layer)."""
+    powersgd_start: int = 2
+    """With `grad_compression powersgd`: optimizer steps of plain all-reduce before compression starts (>= 2: DDP rebuilds its buckets after step 1)."""
 
 
 @dataclass
@@ -198,6 +208,10 @@ class CheckpointConfig:
     """Run directory (or checkpoint directory) to resume from; a run started in a directory with a checkpoint resumes from it."""
     async_: Literal["auto", "true", "false"] = "auto"
     """The step waits only for a copy of the state into host memory and one background thread writes and seals it (auto: on for a replicated model; a sharded one is written synchronously)."""
+    snapshot_every: int = 10
+    """Keep the training state in each node's shared memory every this many optimizer steps (0: off), in runs the elastic agent may restart (--max-restarts above 0): the restarted group resumes from the newest snapshot instead of the last checkpoint. 10: a snapshot costs about a tenth of a step here, so about 1% (docs/checkpoints.md)."""
+    snapshot_dir: str = "/dev/shm"
+    """The memory file system on every node where snapshots are kept (two copies of the state per node, four of each rank's shards under FSDP on several nodes)."""
 
 
 @dataclass
@@ -345,6 +359,7 @@ def _check_data(cfg: Config, need) -> None:
     need(d.channels in (0, 1, 3), "data.channels", "must be 1 (grayscale), 3 (RGB) or 0 (choose)")
     need(d.stream_workers >= 0, "data.stream_workers", "must be >= 0 (0: one per core of this rank)")
     need(not d.stream or d.size >= 1, "data.size", "--data.stream needs the image side, e.g. --data.size 64")
+    need(d.shard_buffer >= 0, "data.shard_buffer", "must be >= 0 (0: the samples of one shard)")
     a = cfg.augment
     need(a.crop_pad >= 0, "augment.crop_pad", "must be >= 0")
     need(a.cutout >= 0, "augment.cutout", "must be >= 0")
@@ -402,6 +417,7 @@ def _check_parallel(cfg: Config, need) -> None:
     need(c.every_steps >= 0, "ckpt.every_steps", "must be >= 0")
     need(c.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0")
     need(c.keep >= 1, "ckpt.keep", "must be >= 1")
+    need(c.snapshot_every >= 0, "ckpt.snapshot_every", "must be >= 0 (0: no in-memory snapshots)")
 
 
 def invariant_world_error(global_batch: int, micro_batch: int, world: int) -> str | None:

@@ -93,6 +93,7 @@ SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/run/slurmctld.pid
 SlurmdPidFile={d}/run/slurmd.pid
 SlurmctldLogFile={d}/log/slurmctld.log
+SlurmctldDebug=debug
 SlurmdLogFile={d}/log/slurmd.log
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}

@@ -3,9 +3,11 @@ the same training run directly, whether it ran through, as tasks that are ranks,
 USR1 (checkpoint, requeue, resume) or requeued from outside."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +50,15 @@ def submit(cluster, cache_dir, run_dir: Path, nproc: int, args: list[str], *slur
 def start_now(env: dict, job: str) -> None:
     """A requeued job waits for a begin time (120 s by default): once it is pending again, start it now."""
     wait_for(lambda: job_state(env, job) == "PENDING", 120, f"job {job} to be pending again")
+    # Started again before slurmd has finished with the attempt that was requeued (its node still COMPLETING),
+    # the job is killed at once: "Killing non-startable batch JobId=J: Job credential revoked" (a run here).
+    wait_for(lambda: "comp" not in node_states(env), 60, "the node to finish with the requeued attempt")
+    time.sleep(1.0)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+
+
+def node_states(env: dict) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env, timeout=30).stdout
 
 
 def wait_done(cluster, job: str, run_dir: Path) -> str:
@@ -125,3 +135,74 @@ def test_a_job_requeued_from_outside_resumes_to_the_same_weights(slurm_cluster, 
     assert "resumed from" in text, text
     assert_same_weights(references(1, *LONGER), run_dir)
     assert os.path.exists(run_dir / "model.safetensors")
+
+
+LIMITED = ["--epochs", "50"]
+"""500 steps: ~35 s of 2 ranks on 2 idle cores (AMD EPYC), ~70 s while the reference trains beside it: longer
+than SLURM lets the first attempt run (below)."""
+MOST_ATTEMPTS = 12
+"""Each attempt spends ~10 s starting on an idle machine (of its ~60 s); on a machine shared with much other work,
+start-up alone took 50 s of them, and the run needs more attempts."""
+
+
+def slurmctld_times(cluster: dict, job: str, pattern: str) -> list[float]:
+    """Wall-clock times of slurmctld's log lines about `job` matching `pattern` (its [YYYY-MM-DDTHH:MM:SS.mmm])."""
+    import datetime
+    import re
+    log = (cluster["dir"] / "log" / "slurmctld.log").read_text()
+    out = []
+    for line in log.splitlines():
+        m = re.match(r"\[(\S+)\] (.*)", line)
+        if m and re.search(rf"JobId={job}\b", line) and re.search(pattern, m.group(2)):
+            out.append(datetime.datetime.fromisoformat(m.group(1)).timestamp())
+    return out
+
+
+def test_a_job_that_reaches_its_time_limit_is_warned_by_slurm_requeued_and_ends_with_the_same_weights(
+        slurm_cluster, cache_dir, small_idx, references, tmp_path):
+    """`--time 1` (SLURM's least) and `--signal=B:USR1@1`: slurmctld checks time limits every 30 s and sends the
+    warning at the first check that is less than 30 s before the signal's time (as its manual says: up to a
+    minute early), so USR1 reaches an attempt 29-59 s after it starts, and the limit's kill would come at least
+    one check (30 s) later. The run
+    checkpoints, requeues itself and the next attempt resumes, as often as the run needs; nothing outside SLURM
+    signals the job. The uninterrupted reference trains meanwhile, on the same cores: the job's first attempt runs
+    at about half speed, so the run is longer than that attempt without the lane paying for it twice."""
+    env = slurm_cluster["env"]
+    run_dir = tmp_path / "limit"
+    job = submit(slurm_cluster, cache_dir, run_dir, 2, train_args(small_idx, *LIMITED), "--time", "1",
+                 "--signal_s", "1")
+    reference = threading.Thread(target=references, args=(2, *LIMITED), daemon=True)
+    reference.start()
+    seen, started_at = 0, []
+    while True:
+        state = wait_for(lambda: (s := job_state(env, job)) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                                 "NODE_FAIL") and s
+                         or (restart_count(env, job) > seen and "requeued"), JOB_TIMEOUT_S,
+                         f"job {job} to end or be requeued (attempt {seen + 1})", every=0.2)
+        if state != "requeued":
+            break
+        seen += 1
+        assert seen < MOST_ATTEMPTS, f"{seen} attempts and not done: {slurm_output(run_dir, job)[-3000:]}"
+        start_now(env, job)
+        started_at.append(time.time())
+    text = slurm_output(run_dir, job)
+    assert state == "COMPLETED", text
+    assert seen >= 1, f"the run ended before SLURM's warning (make LIMITED longer): {text}"
+    assert text.count(f"job {job} requeued") == seen, text
+    assert "DUE TO TIME LIMIT" not in text and "Traceback" not in text, text  # warned, never killed at the limit
+    assert "resumed from" in text, text
+    reference.join(JOB_TIMEOUT_S)
+    assert_same_weights(references(2, *LIMITED), run_dir)
+    # The figures of docs/clusters.md, printed (`pytest -s`): from SLURM's warning to the job's end (both as
+    # slurmctld logs them), and from `StartTime=now` to the first step the resumed attempt logged.
+    warned = slurmctld_times(slurm_cluster, job, r"warning signal")
+    requeued = slurmctld_times(slurm_cluster, job, r"^Requeuing")
+    steps = [json.loads(line)["unix_time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"event": "train"' in line]
+    # Every requeue follows a warning; the last attempt may be warned too, as it ends (it finishes, no requeue).
+    assert len(requeued) == seen and seen <= len(warned) <= seen + 1, (warned, requeued)
+    for k in range(seen):
+        sent = max(t for t in warned if t < requeued[k])
+        first = next(t for t in steps if t > started_at[k])
+        print(f"attempt {k + 1}: SLURM's warning to the job's end {requeued[k] - sent:.1f} s; StartTime=now "
+              f"to the first step after it {first - started_at[k]:.1f} s")

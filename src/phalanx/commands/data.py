@@ -1,4 +1,5 @@
-"""`phalanx data prepare|info|verify`: build, inspect and check prepared stores (data/prepare.py, data/store.py)."""
+"""`phalanx data prepare|info|verify|shard`: build, inspect and check prepared stores (data/prepare.py,
+data/store.py), and write tar shards for streaming (data/shard_write.py)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ from pathlib import Path
 
 from phalanx.commands.args import Command, Option, Parsed, Spec, run_group
 from phalanx.data.prepare import DEFAULT_SIZE, prepare, summary
+from phalanx.data.shard_write import parse_bytes, write_shards
+from phalanx.data.shard_write import summary as shard_summary
 from phalanx.data.store import open_store
 
 
@@ -33,6 +36,15 @@ def verify(p: Parsed) -> int:
     store.verify()
     n = sum(len(s) for s in store.splits.values())
     print(f"phalanx: {store.path}: OK, {2 * len(store.splits)} files ({n:,d} images) match their checksums")
+    return 0
+
+
+def shard(p: Parsed) -> int:
+    v = p.values
+    out = Path(p.positional[1])
+    index = write_shards(Path(p.positional[0]), out, parse_bytes(v.shard_size, "--shard_size"), size=v.size,
+                         channels=v.channels, progress=not v.no_progress)
+    print(shard_summary(index, str(out)))
     return 0
 
 
@@ -66,13 +78,32 @@ INFO = Spec("phalanx data info STORE [--json]", "Print what a prepared store hol
 VERIFY = Spec("phalanx data verify STORE", "Recompute the SHA-256 of every array file and compare with the manifest.",
               positionals=(1, 1), paths=True)
 
+SHARD = Spec("phalanx data shard SRC OUT [--shard_size 256MB] [--size N] [--channels 1|3] [--no-progress]",
+             """Write the ImageFolder at SRC as tar shards in WebDataset's layout into OUT, plus OUT/index.json.
+
+Each image is KEY.jpg (or .png, or its own format) with its encoded bytes as they are, and KEY.cls its
+class number; KEY is the image's number in its split as `phalanx data prepare` orders it. With --size
+each image is decoded, resized and centre-cropped as `phalanx data prepare --size` does and stored as PNG.
+Training images are spread over train-000000.tar, ... in a fixed shuffled order; the test (or val)
+split goes into test-000000.tar, ... beside them. index.json lists each shard's samples, labels, byte
+size and SHA-256. Upload OUT as it is (e.g. `aws s3 cp --recursive`) and train with
+`phalanx train --data s3://BUCKET/PREFIX --data.size N`. OUT must be new, empty, or a shard folder.""",
+             options=(Option("shard_size", "largest size of a shard (256MB, 1GB, 64MiB...)", str, "256MB"),
+                      Option("size", "re-encode every image as PNG at this side (0: keep the files' bytes)", int, 0,
+                             minimum=0),
+                      Option("channels", "with --size: 1 = grayscale, 3 = RGB (0: 3)", int, 0, choices=(0, 1, 3)),
+                      Option("no-progress", "no progress line", flag=True)),
+             positionals=(2, 2), paths=True,
+             epilog="example: phalanx data shard ~/photos ~/shards/photos --shard_size 256MB")
+
 SUBCOMMANDS = {"prepare": Command(PREPARE, prepare_store), "info": Command(INFO, info),
-               "verify": Command(VERIFY, verify)}
+               "verify": Command(VERIFY, verify), "shard": Command(SHARD, shard)}
 
 
 def data(argv: list[str]) -> int:
     return run_group("data", "Build and inspect prepared stores: decoded uint8 images in memory-mapped files plus a "
-                     "JSON manifest, read directly by `phalanx train --data STORE`.", SUBCOMMANDS, argv)
+                     "JSON manifest, read directly by `phalanx train --data STORE`; or write tar shards that "
+                     "`phalanx train --data URL` streams.", SUBCOMMANDS, argv)
 
 
 COMMANDS = {"data": data}

@@ -65,7 +65,10 @@ def train_config(parsed: Parsed, launcher: bool = True) -> C.Config:
     cfg = checked_config(parsed.recipe, parsed.pairs)
     if launcher:
         checked_resume(cfg)
-    if cfg.data.stream:
+    from phalanx.data.shards import is_shards  # deferred: a rank pays for what it runs
+    if is_shards(cfg.data.path):  # shards (a URL or an index's folder): the ranks read the index
+        pass
+    elif cfg.data.stream:
         from phalanx.data.streaming import stream_root  # deferred: a rank pays for what it runs
         stream_root(cfg.data.path)
     elif cfg.data.path not in ("fashion_mnist", "fashion-mnist") or cfg.data.size or cfg.data.channels:

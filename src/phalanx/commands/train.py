@@ -25,7 +25,10 @@ from phalanx.tools import tune
 from phalanx.tools.checks import checked_config
 from phalanx.train.budget import TUNED_RATE_ENV, command_start
 from phalanx.train.checkpoint import find_latest
+from phalanx.train.rate_check import TUNED_ENV
 from phalanx.train.setup import check_data, run_dir_for
+from phalanx.train.snapshot import remove_held_by_launcher
+from phalanx.train.startup import STARTUP_ENV, Phases
 
 TRAIN_ABOUT = """Train a classifier. Values come from the defaults, then the recipe (default: fashion_mnist),
 then the command line. A leaf name alone works when unambiguous (--lr means --optim.lr).
@@ -54,13 +57,21 @@ class ConfigSpec(Spec):
 
 def train(p: Parsed) -> int:
     """Check, prepare, tune and launch one training; its exit code."""
-    command_start(new=True)  # --budget counts from here; the ranks this process starts inherit it
+    startup = Phases(command_start(new=True))  # --budget counts from here; the ranks this process starts inherit it
+    startup.mark("imports")  # the interpreter, torch and Phalanx, from the process's start (train/startup.py)
     os.environ.pop(TUNED_RATE_ENV, None)  # set again below only by this command's own tuning
+    os.environ.pop(TUNED_ENV, None)
+    os.environ.pop(STARTUP_ENV, None)
     cfg = rank.train_config(p)  # ConfigError / DataError: one line before anything is written
+    startup.mark("config")
     argv = list(p.argv)
     alloc = slurm.detect()
+    if alloc is not None:
+        slurm.catch_warning()  # USR1 before the ranks run must not end this process (Python's default)
     if alloc is not None and join_slurm(cfg, alloc, p.explicit_keys(), argv) == "rank":
         # SLURM started this task as one rank of the job (srun -n N): it runs as under a user's torchrun.
+        if cfg.run_dir:
+            slurm.mark_run_dir(Path(cfg.run_dir))
         code = rank.main(["train", *argv])
         return requeue_unless_finished(alloc, Path(cfg.run_dir) if cfg.run_dir else None, code)
     refuse_impossible_layout(cfg)
@@ -72,7 +83,11 @@ def train(p: Parsed) -> int:
     where = "--run_dir" if "run_dir" in p.explicit_keys() else "--resume" if cfg.ckpt.resume else "--out_dir"
     # Several nodes sharing the folder have no one launcher to hold the lock (their rank 0 may be anywhere).
     with locked_run_dir(run_dir, where, hold=cfg.parallel.nnodes == 1):
-        code = _prepare_and_launch(cfg, p, argv)
+        try:
+            code = _prepare_and_launch(cfg, p, argv, startup)
+        finally:  # the ranks' check of the tuner's decision (train/rate_check.py) into the cache, however they ended
+            if os.environ.get(TUNED_ENV):
+                tune.follow_up(cache_dir(cfg.data.cache_dir) / "tune.json", run_dir)
     return requeue_unless_finished(alloc, run_dir, code) if alloc is not None else code
 
 
@@ -97,8 +112,9 @@ def requeue_unless_finished(alloc: slurm.Allocation, run_dir: Path | None, code:
     """After a run stopped for a signal (SLURM's USR1 before the time limit, a preemption) with its checkpoint
     written: the job is requeued, by its first task, so that it comes back and resumes. A finished run (its
     final weights are written) or a failed one is not."""
-    stopped_early = (code == 0 and run_dir is not None and not (run_dir / "model.safetensors").exists()
-                     and find_latest(run_dir) is not None)
+    unfinished = run_dir is not None and not (run_dir / "model.safetensors").exists()
+    # Stopped with its checkpoint written, or warned before it wrote one (it starts again from the beginning).
+    stopped_early = unfinished and ((code == 0 and find_latest(run_dir) is not None) or slurm.warned())
     if stopped_early and alloc.proc_id == 0:
         # The requeue ends this job at once, with a SIGTERM to its steps, and this process has only its exit left:
         # that SIGTERM must not become a traceback from a handler of the elastic agent's.
@@ -107,17 +123,29 @@ def requeue_unless_finished(alloc: slurm.Allocation, run_dir: Path | None, code:
     return code
 
 
-def _prepare_and_launch(cfg: C.Config, p: Parsed, argv: list[str]) -> int:
-    """Prepare the store and tune (both once, here), then start the ranks."""
-    if not cfg.data.stream:
+def _prepare_and_launch(cfg: C.Config, p: Parsed, argv: list[str], startup: Phases | None = None) -> int:
+    """Prepare the store and tune (both once, here), then start the ranks (handing them `startup`'s phases)."""
+    from phalanx.data.shards import is_shards  # deferred: only a training launcher needs it
+    if not cfg.data.stream and not is_shards(cfg.data.path):
         # Prepared here, once, before any rank starts (ranks then map it): data a run cannot use (one
         # class, no test split, fewer images than the global batch) is one line, not one per rank.
         store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, 0, cfg.data.size,
                              cfg.data.channels)
         check_data(cfg, store)
+        if startup is not None:
+            startup.mark("data")
         if cfg.tune:  # what `auto` leaves open, measured here (or cached) and handed to every rank
+            # `--tune true` on the command line: measured now, whatever the cache holds
             argv += tune.tune_run(cfg, p.explicit_keys(), model_input_shape(cfg, store.shape), len(store.classes),
-                                  cache_dir(cfg.data.cache_dir) / "tune.json")
+                                  cache_dir(cfg.data.cache_dir) / "tune.json",
+                                  refresh="tune" in {C.canonical_key(k) for k, _ in p.pairs})
+            if startup is not None:
+                startup.mark("tune")
+    if startup is not None:
+        startup.hand_over()
+    if slurm.warned():  # SLURM's USR1 came while preparing: no rank starts; train() requeues the job
+        print("phalanx: SLURM's warning (USR1) came before the ranks started; none was started", flush=True)
+        return 0
     return run_ranks("train", cfg, argv)
 
 
@@ -150,13 +178,18 @@ def run_ranks(sub: str, cfg: C.Config, argv: list[str], target: Path | None = No
           f"({why})", flush=True)
     rank_argv = [sub] + list(argv)  # eval's argv holds its TARGET; train's its --run_dir (train() adds it)
     run_dir = launcher_run_dir() if sub == "train" else Path(cfg.run_dir) if cfg.run_dir else None
-    return launch(cfg.parallel, nproc, threads, rank.main, rank_argv, run_dir, cfg.device,
-                  on_stop=lambda sig: stopped(sig, run_dir))
+    try:
+        return launch(cfg.parallel, nproc, threads, rank.main, rank_argv, run_dir, cfg.device,
+                      on_stop=lambda sig: stopped(sig, run_dir))
+    finally:  # the ranks are gone for good: the in-memory snapshots this node's agent kept go with them
+        if sub == "train" and run_dir is not None and cfg.ckpt.snapshot_every:
+            remove_held_by_launcher(run_dir, cfg.ckpt.snapshot_dir)
 
 
 def stopped(sig: signal.Signals, run_dir: Path | None) -> int:
     """The agent passed a stop signal on and every rank finished its step: say whether a checkpoint was
     written; exit 0 when one was (a scheduler then reruns the same command to resume)."""
+    slurm.note_stop(sig.name)  # inside a SLURM job, the job is requeued even before its first checkpoint
     saved = run_dir is not None and find_latest(run_dir) is not None
     where = run_dir or "RUN_DIR"
     print(f"phalanx: stopped by {sig.name}; "

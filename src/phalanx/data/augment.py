@@ -94,10 +94,19 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return runtime.of(device).pin(t).to(device, non_blocking=True)
 
 
-def draws_to(params, device: torch.device):
-    """A dataclass of draws (CPU tensors) on `device`, each copied by to_device. Identity on CPU."""
-    moved = {f.name: to_device(v, device) for f in dataclasses.fields(params)
-             if isinstance(v := getattr(params, f.name), torch.Tensor)}
+def draws_to(params, device: torch.device, copy=to_device):
+    """A dataclass of draws (CPU tensors) on `device`: identity on CPU; else its tensors of one length packed into
+    one int64 host tensor, one copy (`copy`: to_device), and unpacked on the device into views of their dtypes
+    (bool back from 0/1), so that a step pays one host-to-device transfer for its draws, not one per field."""
+    if device.type == "cpu" and copy is to_device:
+        return params
+    fields = [(f.name, v) for f in dataclasses.fields(params) if isinstance(v := getattr(params, f.name), torch.Tensor)]
+    packable = [(k, v) for k, v in fields if v.dim() == 1 and not v.is_floating_point()]
+    if len({len(v) for _, v in packable}) != 1:  # nothing to pack, or lengths that differ: one copy each
+        return dataclasses.replace(params, **{k: copy(v, device) for k, v in fields})
+    packed = copy(torch.stack([v.long() for _, v in packable]), device)
+    moved = {k: packed[i] if v.dtype == torch.int64 else packed[i].to(v.dtype) for i, (k, v) in enumerate(packable)}
+    moved.update({k: copy(v, device) for k, v in fields if k not in moved})
     return dataclasses.replace(params, **moved)
 
 

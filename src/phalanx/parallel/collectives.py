@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from phalanx.runtime import hang
+
 
 def _multi_rank() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
@@ -16,6 +18,7 @@ def _multi_rank() -> bool:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks in place (no-op for one process)."""
     if _multi_rank():
+        hang.entered("all_reduce (sum)")
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -23,6 +26,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def broadcast_object(obj, src: int = 0):
     if _multi_rank():
         box = [obj]
+        hang.entered("broadcast_object")
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
@@ -30,6 +34,7 @@ def broadcast_object(obj, src: int = 0):
 
 def barrier() -> None:
     if _multi_rank():
+        hang.entered("barrier")
         dist.barrier()
 
 
@@ -55,6 +60,7 @@ def average_across_ranks(tensors: list[torch.Tensor]) -> None:
     if not tensors or not _multi_rank():
         return
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    hang.entered("all_reduce (norm statistics)")
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
     offset = 0
@@ -83,5 +89,6 @@ def ranks_holding(model: nn.Module) -> list[str]:
     if not _multi_rank():
         return [mine]
     got: list = [None] * dist.get_world_size()
+    hang.entered("all_gather_object (model digests)")
     dist.all_gather_object(got, mine)
     return got

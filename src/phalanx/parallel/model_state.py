@@ -36,31 +36,49 @@ class DeviceEMA(AveragedModel):
         first = next(iter(_local(list(model.parameters()) + list(model.buffers()))), None)
         if first is not None:
             self.n_averaged = self.n_averaged.to(first.device)
+        self._lists: tuple | None = None  # (model, EMA floats, its floats, EMA integers, its integers)
+        self._counted = False  # an update ran since the count was last set: it is >= 1, the factors are numbers
+
+    def _tensor_lists(self, model: nn.Module) -> tuple:
+        """The tensors an update reads and writes, found once per model: the module's parameters and buffers stay
+        the same tensors from step to step (updated in place: the optimizer, the ranks' norm statistics), so the
+        per-step walk of both modules, the local shards' lookup and the split by dtype are done here, once."""
+        if self._lists is None or self._lists[0] is not model:
+            ema = _local([*self.module.parameters(), *self.module.buffers()])
+            cur = _local([t.detach() for t in (*model.parameters(), *model.buffers())])
+            floats = [(e, c) for e, c in zip(ema, cur) if e.is_floating_point()]
+            ints = [(e, c) for e, c in zip(ema, cur) if not e.is_floating_point()]
+            self._lists = (model, [e for e, _ in floats], [c for _, c in floats], [e for e, _ in ints],
+                           [c for _, c in ints])
+        return self._lists
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded count may be 0 again: the factors are chosen
+        self._counted = False                           # on the device until the next update
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module, steps: int = 1) -> None:
         """Take in `model` as `steps` updates with its current weights would: decay**steps (an update every
-        k optimizer steps, `--ema_every`)."""
+        k optimizer steps, `--ema_every`). Two foreach calls for the floating-point tensors, four for the integer
+        ones, over lists built once (`_tensor_lists`)."""
         decay = self.decay ** steps
-        ema = _local([*self.module.parameters(), *self.module.buffers()])
-        cur = _local([t.detach() for t in (*model.parameters(), *model.buffers())])
-        first = self.n_averaged == 0
-        # ema = ema * keep + cur * take: (0, 1) the first time, a copy, (decay, 1 - decay) after; both factors
-        # 0-dim tensors the device chooses (torch's foreach lerp takes its weight as a number only).
-        keep = torch.where(first, 0.0, decay)
-        take = torch.where(first, 1.0, 1.0 - decay)
-        floats = [(e, c) for e, c in zip(ema, cur) if e.is_floating_point()]
-        if floats:
-            es = [e for e, _ in floats]
-            torch._foreach_mul_(es, keep)
-            torch._foreach_add_(es, torch._foreach_mul([c for _, c in floats], take))
-        ints = [(e, c) for e, c in zip(ema, cur) if not e.is_floating_point()]
-        if ints:  # BatchNorm's batch counts, as torch's EMA does them: in floating point, truncated back.
-            # Four foreach calls for all of them (one `where` and three ops each took half of the update's time).
-            es = [e for e, _ in ints]
-            mixed = torch._foreach_add(torch._foreach_mul(es, keep), torch._foreach_mul([c for _, c in ints], take))
-            torch._foreach_copy_(es, mixed)
+        _, ema_f, cur_f, ema_i, cur_i = self._tensor_lists(model)
+        if self._counted:  # not the first update: the factors are (decay, 1 - decay), numbers (no device op)
+            keep, take = decay, 1.0 - decay
+        else:
+            # ema = ema * keep + cur * take: (0, 1) the first time, a copy, (decay, 1 - decay) after; both factors
+            # 0-dim tensors the device chooses from the count (no host read), equal to the numbers above after.
+            first = self.n_averaged == 0
+            keep = torch.where(first, 0.0, decay)
+            take = torch.where(first, 1.0, 1.0 - decay)
+        if ema_f:
+            torch._foreach_mul_(ema_f, keep)
+            torch._foreach_add_(ema_f, torch._foreach_mul(cur_f, take))
+        if ema_i:  # BatchNorm's batch counts, as torch's EMA does them: in floating point, truncated back.
+            torch._foreach_copy_(ema_i, torch._foreach_add(torch._foreach_mul(ema_i, keep),
+                                                           torch._foreach_mul(cur_i, take)))
         self.n_averaged += 1
+        self._counted = True
 
 
 def averaged_model(model: nn.Module, decay: float) -> AveragedModel:

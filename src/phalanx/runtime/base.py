@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -77,6 +78,12 @@ class Accelerator:
 
     def configure_training(self, deterministic: bool, tf32: bool) -> None:
         """Process-wide settings for training on this kind (cuDNN autotuning, TF32); logged where any are made."""
+
+    def flight_recorder(self, logs: Path) -> list[tuple[tuple[str, ...], str]]:
+        """Environment for the process-group backend's own record of collectives, dumped into `logs` when one
+        times out: ((variable names, new first), value) pairs, set before the group is created unless a user set
+        one of the names (runtime/dist.init). None on this kind."""
+        return []
 
     # ---- the step (hooks a traced, lazily executed device needs; nothing to do on CPU and CUDA)
     def step_barrier(self) -> None:

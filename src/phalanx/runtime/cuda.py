@@ -15,6 +15,9 @@ import torch
 
 from phalanx.runtime.base import Accelerator, CopyStream
 
+FLIGHT_RECORDER_ENTRIES = 2000
+"""Collectives NCCL's flight recorder keeps per rank (a bounded ring buffer: a few hundred bytes each, with stacks)."""
+
 
 class CUDAAccelerator(Accelerator):
     kind = "cuda"
@@ -67,6 +70,17 @@ class CUDAAccelerator(Accelerator):
             torch.backends.cudnn.allow_tf32 = tf32
         logging.getLogger("phalanx").info(
             f"cuda: cudnn.benchmark {torch.backends.cudnn.benchmark}, TF32 for fp32 matmuls and convolutions {tf32}")
+
+    def flight_recorder(self, logs: Path) -> list[tuple[tuple[str, ...], str]]:
+        """NCCL's flight recorder: the last FLIGHT_RECORDER_ENTRIES collectives of each rank (a ring buffer kept by
+        ProcessGroupNCCL), dumped by its watchdog when a collective times out (every rank dumps: the one that
+        timed out tells the others through the store) into logs/flight-recorder/rank-K, which `torchfrtrace
+        LOGS/flight-recorder -p rank-` reads. torch >= 2.7 reads the TORCH_FR_* names, earlier ones the
+        TORCH_NCCL_* ones: both are set."""
+        prefix = str(Path(logs) / "flight-recorder" / "rank-")
+        return [(("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"), str(FLIGHT_RECORDER_ENTRIES)),
+                (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+                (("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"), prefix)]
 
     def device_count(self) -> int:
         return torch.cuda.device_count()

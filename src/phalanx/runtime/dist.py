@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from phalanx import runtime
 from phalanx.config import ParallelConfig
 from phalanx.errors import ConfigError
-from phalanx.runtime import stores
+from phalanx.runtime import hang, stores
 from phalanx.runtime.cpu import usable_cores
 
 
@@ -150,8 +151,9 @@ class DistEnv:
         return self.world > 1 and dist.is_initialized()
 
 
-def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
-    """Bind the device, set CPU threads and join the process group (when there is more than one rank)."""
+def init(pcfg: ParallelConfig, device_pref: str = "auto", run_dir: str | None = None) -> DistEnv:
+    """Bind the device, set CPU threads and join the process group (when there is more than one rank). With
+    `run_dir`, the backend's flight recorder (NCCL's) dumps into its logs/ when a collective times out."""
     v = launch_vars(os.environ)
     e = DistEnv(
         rank=v.rank, world=v.world, local_rank=v.local_rank, local_world=v.local_world, restart=v.restart,
@@ -175,6 +177,8 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = e.device  # eager NCCL init, bound to this rank's GPU
+        if run_dir:  # read by the backend as it creates the group
+            set_flight_recorder(e.accel, Path(run_dir) / "logs", os.environ)
         if e.rank == 0 and e.store_on_rank0:
             e.store_server = serve_process_group_store(os.environ.get("MASTER_ADDR", ""),
                                                        os.environ.get("MASTER_PORT", ""))
@@ -182,7 +186,55 @@ def init(pcfg: ParallelConfig, device_pref: str = "auto") -> DistEnv:
         e.join_timeout_s = e.timeout_now_s = max(pcfg.init_timeout_s, pcfg.timeout_s)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=e.join_timeout_s), **kwargs)
         e.backend = backend
+        if e.local_world < e.world:  # several nodes: which one this rank is on, for a line naming a silent rank's
+            publish_node(e)
     return e
+
+
+NODE_KEY = "phalanx/node/"
+"""The process-group store's key of each rank's node address (several nodes only)."""
+
+
+def node_address() -> str:
+    """This machine's address towards rank 0's (MASTER_ADDR): the one the other nodes reach it at."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    try:
+        return stores.route_addr(stores.resolve(addr)) or addr
+    except OSError:
+        return addr
+
+
+def publish_node(env: DistEnv) -> None:
+    with contextlib.suppress(Exception):  # a line without the node's address, then
+        dist.distributed_c10d._get_default_store().set(f"{NODE_KEY}{env.rank}", node_address())
+
+
+def node_of(env: DistEnv, rank: int, within_s: float = 2.0) -> str:
+    """' (node ADDR)' for `rank` of a run on several nodes, as it published it (rank 0's: MASTER_ADDR, which
+    needs no store: the store is on its node); '' on one node or when the store does not answer in time."""
+    if env.local_world >= env.world:
+        return ""
+    if rank == 0 and env.store_on_rank0:
+        addr = os.environ.get("MASTER_ADDR", "")
+    else:
+        def ask() -> str:
+            store = dist.distributed_c10d._get_default_store()
+            return store.get(f"{NODE_KEY}{rank}").decode() if store.check([f"{NODE_KEY}{rank}"]) else ""
+        done, addr = stores.call_within(ask, within_s)
+        addr = addr if done and isinstance(addr, str) else ""
+    return f" (node {addr})" if addr else ""
+
+
+def set_flight_recorder(accel: runtime.Accelerator, logs: Path, environ) -> None:
+    """The accelerator's flight-recorder variables into `environ`, each unless a user set one of its names; the
+    folder of its dump files is made here, whether or not the backend would make it."""
+    settings = accel.flight_recorder(logs)
+    for names, value in settings:
+        if not any(n in environ for n in names):
+            environ.update(dict.fromkeys(names, value))
+    if settings:
+        with contextlib.suppress(OSError):  # no dump then; the run itself reports an unusable run directory
+            (Path(logs) / "flight-recorder").mkdir(parents=True, exist_ok=True)
 
 
 def resolve_backend(pcfg: ParallelConfig, accel: runtime.Accelerator) -> str:
@@ -244,6 +296,7 @@ def rank0_alone(env: DistEnv):
     try:
         yield
         if env.distributed:
+            hang.entered("barrier (after rank 0's work alone)")
             dist.barrier()
     finally:
         if longer:

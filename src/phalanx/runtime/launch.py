@@ -143,6 +143,12 @@ def bind_rendezvous(args, pcfg: ParallelConfig):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
     else:
         args.local_addr = stores.route_addr(addr)  # None: torch's default, this machine's FQDN
+        # gloo listens, and tells the other ranks to connect, on that address's interface, not on the address
+        # this machine's name resolves to (often a loopback one: Debian's /etc/hosts), unless told otherwise.
+        # (NCCL picks its interface itself and skips loopback.)
+        nic = stores.interface_of(args.local_addr) if args.local_addr else None
+        if nic:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", nic)
     try:
         server = stores.serve(addr, port)
     except OSError as e:
@@ -165,10 +171,11 @@ leaves its line for it (`tell_from_rank`) instead of printing it too; under a us
 agent prints no such line, each rank prints its own."""
 
 
-def tell_from_rank(line: str, for_agent: bool = True) -> None:
+def tell_from_rank(line: str, for_agent: bool = True, console: bool = False) -> None:
     """A rank's one-line failure: in this rank's log file; with `for_agent`, where the elastic agent reads this
     rank's failure (TORCHELASTIC_ERROR_FILE, which the agent sets for forked and spawned ranks alike); and on
-    stderr unless Phalanx's launcher started this rank (it prints the first failing rank's line, once)."""
+    stderr unless Phalanx's launcher started this rank (it prints the first failing rank's line, once) or with
+    `console` (a node that lost rank 0's: its agent's rendezvous store is there too, and it may not report soon)."""
     import logging
     log = logging.getLogger("phalanx")
     for handler in log.handlers:  # the rank's logs/rank-K.log only: rank 0's console is the launcher's terminal
@@ -176,7 +183,7 @@ def tell_from_rank(line: str, for_agent: bool = True) -> None:
             handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
     if for_agent:
         write_error_file(os.environ.get("TORCHELASTIC_ERROR_FILE", ""), line)
-    if os.environ.get(LAUNCHER_ENV) != "1":
+    if console or os.environ.get(LAUNCHER_ENV) != "1":
         print(line, file=sys.stderr, flush=True)
 
 
@@ -299,6 +306,10 @@ def launch(pcfg: ParallelConfig, nproc: int, threads: int, entry: RankEntry, ran
     config.start_method = method
     if config.start_method == "fork":  # a function entrypoint: the agent forks, runs it, watches the exit code
         cmd, cmd_args = _forked_rank, [entry, *rank_args]
+        # Forked ranks inherit this process's modules: torch._dynamo, which building the first optimizer imports
+        # (2 s on an idle 2-core machine, 11 s on a loaded one), is imported once here, not again by the ranks of
+        # every elastic restart (benchmarks/goodput.py).
+        import torch._dynamo  # noqa: F401
     # SLURM announces preemption with SIGUSR1; the agent forwards SIGTERM to its workers, which
     # finish their step, write a checkpoint and exit 0. So SIGUSR1 here becomes SIGTERM.
     old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from phalanx.errors import ConfigError
+from phalanx.paths import RUN_MARKER
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 """The rendezvous port of job J is PORT_BASE + J % PORT_SPAN: the same on every node of the job without
@@ -170,3 +172,45 @@ def requeue(alloc: Allocation) -> str:
         return (f"phalanx: scontrol requeue {alloc.job_id} failed ({why[0]}); submit the same script again to "
                 f"resume (the job needs --requeue)")
     return f"phalanx: job {alloc.job_id} requeued; it resumes from its run directory when it runs again"
+
+
+_warned: list[str] = []
+EARLY_ENV = "PHALANX_SLURM_WARNED"
+"""Set by `python -m phalanx` (phalanx/__main__.py) when USR1 came while it was importing torch."""
+
+
+def catch_warning() -> None:
+    """From now on, SLURM's USR1 (the time limit is near, or a preemption) is noted instead of ending this
+    process, which Python's default for USR1 does: SLURM may send it before the ranks run (its time-limit checks
+    come every 30 s, so the warning can come up to a minute early). The launcher's own handler takes over while
+    the ranks run; `warned()` then says whether the warning came before them. Main thread only."""
+    def note(signum, frame) -> None:
+        _warned.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGUSR1, note)
+    if os.environ.pop(EARLY_ENV, None):  # noted by `python -m phalanx` before this module was imported
+        _warned.append("SIGUSR1")
+
+
+def warned() -> bool:
+    """Whether SLURM's warning (USR1) reached this process, or it was stopped (`note_stop`) since it started."""
+    return bool(_warned)
+
+
+def note_stop(name: str) -> None:
+    """The launcher was stopped by signal `name` (the elastic agent passed it on to the ranks)."""
+    _warned.append(name)
+
+
+def mark_run_dir(run_dir) -> None:
+    """One task per rank: no launcher marks the run directory as a run's before the ranks write into it (logs/),
+    so each task does, once its own check passed. A task that checks later (rank 0 started after rank 1 wrote its
+    log) then finds a run directory, not a folder that holds files and no marker."""
+    import json
+    import time
+    from pathlib import Path
+    marker = Path(run_dir) / RUN_MARKER
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"made_by": "phalanx train (SLURM task)",
+                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")

@@ -57,6 +57,44 @@ def loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
+def interface_of(addr: str) -> str | None:
+    """The name of this machine's network interface that holds `addr` (e.g. `eth0` for 10.0.0.5), or None.
+
+    What gloo is told (GLOO_SOCKET_IFNAME): left to itself it takes the address this machine's host name
+    resolves to, which on many machines (Debian's /etc/hosts) is a loopback address the other nodes cannot
+    reach, and listens there. Linux's interfaces (elsewhere: None)."""
+    try:
+        want = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if want.version == 6:
+        try:  # /proc/net/if_inet6: ADDRESS(32 hex) INDEX PREFIX SCOPE FLAGS NAME
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 6 and ipaddress.IPv6Address(int(fields[0], 16)) == want:
+                        return fields[5]
+        except (OSError, ValueError):
+            return None
+        return None
+    import fcntl
+    import struct
+    siocgifaddr = 0x8915
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+            if socket.inet_ntoa(raw[20:24]) == str(want):
+                return name
+    return None
+
+
 def listen_on(addr: str, port: int) -> socket.socket:
     """A TCP socket bound to `addr:port` (port 0: a free one) and listening; OSError when it cannot be."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET

@@ -47,6 +47,7 @@ def check_config(cfg: C.Config) -> C.Config:
          f"the decoder accepts in any image ({max_pixels():,d}); choose a side such as 64, 224 or 512")
     _check_mix_layout(cfg)
     _check_shard_size(cfg)
+    _check_grad_compression(cfg)
     runtime.accelerator(cfg.device)  # `--device cuda` on a machine without CUDA: its one line, before any work
     _check_norm_fits(cfg)
     need(not (d.stream and d.path in BUILTIN_NAMES), "data.stream", f"--data {d.path} is a built-in set, read from "
@@ -81,6 +82,26 @@ def _check_shard_size(cfg: C.Config) -> None:
     if p.strategy == "fsdp" and p.shard_size > 0 and 1 <= world <= 1 << 16 and world % p.shard_size:
         raise ConfigError(f"parallel.shard_size={p.shard_size}: must divide the number of ranks ({world}); choose "
                           f"one of {', '.join(str(k) for k in range(1, world + 1) if world % k == 0)} (0: all ranks)")
+
+
+def _check_grad_compression(cfg: C.Config) -> None:
+    """--parallel.grad_compression: PyTorch's DDP comm hooks (parallel/ddp.py), so DDP only, and not with the
+    fixed-order gradient sum of invariant training, which replaces DDP's reduction."""
+    p = cfg.parallel
+    fix = "or --parallel.grad_compression none"
+    if p.grad_compression != "none":
+        if p.strategy != "ddp":
+            raise ConfigError(f"parallel.grad_compression={p.grad_compression!r}: compresses DDP's all-reduce; "
+                              f"FSDP reduce-scatters its gradients instead: use --parallel.strategy ddp {fix}")
+        if p.invariant:
+            raise ConfigError(f"parallel.grad_compression={p.grad_compression!r}: --parallel.invariant true sums "
+                              f"gradients in a fixed order of its own (bit-exact), which compression would change: "
+                              f"use --parallel.invariant false {fix}")
+    if p.powersgd_rank < 1 or p.powersgd_rank > 1 << 20:
+        raise ConfigError(f"parallel.powersgd_rank={p.powersgd_rank}: must be in 1..1048576 (1 to 4 are usual)")
+    if p.powersgd_start < 2 or p.powersgd_start > 1 << 40:
+        raise ConfigError(f"parallel.powersgd_start={p.powersgd_start}: must be >= 2 (DDP rebuilds its buckets "
+                          f"after the first step, and PowerSGD's error feedback needs them fixed)")
 
 
 def _check_norm_fits(cfg: C.Config) -> None:

@@ -13,9 +13,17 @@
                 layout, without starting processes. Result: the global batch over the slowest thread's
                 step time.
     search      one choice at a time (layout, then precision, then memory format), each measured with
-                the best of the ones before: a handful of measurements, ~1 s each, not the product
+                the best of the ones before: a handful of candidates, not the product. A field's candidates
+                are measured in REPEATS interleaved rounds (A B C, B C A, C A B: a drift of the machine's
+                speed hits all alike); a candidate's rate is its median, its spread the range of its rounds
     cache       CACHE/tune.json, keyed by the machine (CPU model and usable cores, or the GPU), torch
-                version, model, image shape, global batch and what was asked: the next run starts at once
+                version, model, image shape, global batch and what was asked: the next run starts at once.
+                A decision measured on a busy machine (1-minute load average over BUSY_LOAD of the CPUs
+                before measuring, or the best candidate's rounds spread over NOISY) is not cached.
+    check       a decision records the img/s it expects; every run times its own first minute of steps
+                (train/rate_check.py) and, more than 10% short, says so in one line and the decision is
+                measured again at the next start (`--tune true`: now). A decision where another candidate
+                was within the noise is measured again at the next start too (RECHECKS times at most).
 
 Why not the rules: a rule measured on one CPU was wrong on the next one (2 ranks x 1 thread was 1.5x
 faster on an AVX-512 Xeon, 12-17% slower than 1 x 2 on a Zen 3 EPYC; see README).
@@ -42,8 +50,24 @@ from phalanx.runtime import cpu as host  # read at each call: a test (or a calle
 from phalanx.runtime.dist import threads_per_rank
 from phalanx.runtime.launch import resolve_nproc
 from phalanx.train.budget import TUNED_RATE_ENV
+from phalanx.train.rate_check import TUNED_ENV
 
-VERSION = 1  # of the cache entries; bump when the measurement changes
+VERSION = 1  # of the cache entries; bump when the measurement changes (entries without rounds still read)
+
+REPEATS = 3
+"""Interleaved rounds of a field's measurements (each candidate once per round)."""
+
+BUSY_LOAD = 1.0
+"""A decision is not cached when the 1-minute load average before measuring exceeded this share of the CPUs. Not
+less: the load average lags by about a minute, so the command's own data preparation, or a run that ended just
+before, counts in it (up to one per CPU); more runnable processes than CPUs means another job shares them. A
+quieter disturbance shows in the spread of the interleaved rounds instead."""
+
+NOISY = 0.10
+"""... nor when the best candidate's rounds spread ((max - min) / median) by more than this."""
+
+RECHECKS = 2
+"""Starts that measure again a decision whose runner-up was within the noise, before it is taken as a tie."""
 
 
 @dataclass(frozen=True)
@@ -102,15 +126,22 @@ Measure = Callable[[Choice], float]
 """img/s of one candidate."""
 
 
-def search(q: Question, measure: Measure) -> tuple[Choice, list[tuple[Choice, float]]]:
-    """(the fastest choice, every (choice, img/s) measured), one field at a time: layout first (the
-    largest effect), then precision, then memory format, each with the best of the fields before."""
-    seen: dict[Choice, float] = {}
+def median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
 
-    def rate(c: Choice) -> float:
-        if c not in seen:
-            seen[c] = measure(c)
-        return seen[c]
+
+def spread(xs: list[float]) -> float:
+    """(max - min) / median of one candidate's rounds: 0 for a single measurement."""
+    return (max(xs) - min(xs)) / max(median(xs), 1e-9)
+
+
+def search(q: Question, measure: Measure, repeats: int = REPEATS) -> tuple[Choice, list[tuple[Choice, list[float]]]]:
+    """(the fastest choice, every (choice, its rounds' img/s) measured, fastest median first), one field at a time:
+    layout first (the largest effect), then precision, then memory format, each with the best of the fields before.
+    A field's candidates are measured in `repeats` interleaved rounds, each round in a rotated order."""
+    seen: dict[Choice, list[float]] = {}
 
     n, t = q.layouts[0]
     best = Choice(n, t, q.precisions[0], q.memory_formats[0])
@@ -119,10 +150,46 @@ def search(q: Question, measure: Measure) -> tuple[Choice, list[tuple[Choice, fl
             continue
         options = [replace(best, nproc=v[0], threads=v[1]) if field == "layout" else replace(best, **{field: v})
                    for v in values]
-        best = max(options, key=rate)
+        for r in range(repeats):
+            for c in options[r % len(options):] + options[:r % len(options)]:
+                if len(seen.setdefault(c, [])) < repeats:  # the best of a field before is measured again
+                    seen[c].append(measure(c))                # only up to `repeats` rounds in all
+        best = max(options, key=lambda c: median(seen[c]))
     if not seen:
         return best, []
-    return best, sorted(seen.items(), key=lambda kv: -kv[1])
+    return best, sorted(seen.items(), key=lambda kv: -median(kv[1]))
+
+
+def runner_up_within_noise(measured: list[tuple[Choice, list[float]]]) -> Choice | None:
+    """The fastest other candidate whose median lies within the best's or its own half range of the best's
+    median (the measurements cannot tell them apart), or None."""
+    if len(measured) < 2:
+        return None
+    (_, b), *others = measured
+    for c, xs in others:
+        noise = max(max(b) - min(b), max(xs) - min(xs)) / 2
+        if median(b) - median(xs) <= noise:
+            return c
+    return None
+
+
+def host_load() -> tuple[float, int]:
+    """(1-minute load average, CPUs of the machine): how busy the machine was before a measurement."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # no load average on this platform: taken as quiet
+        return 0.0, os.cpu_count() or 1
+
+
+def busy(load: tuple[float, int], best_rounds: list[float]) -> str:
+    """Why a decision was measured on a busy machine ("" when it was not): the load average, or its best
+    candidate's rounds spread too far apart."""
+    avg, cpus = load
+    if avg > BUSY_LOAD * cpus:
+        return f"load average {avg:.2f} on {cpus} CPU{'s' if cpus > 1 else ''}"
+    if len(best_rounds) > 1 and spread(best_rounds) > NOISY:
+        return f"its measurements spread by {100 * spread(best_rounds):.0f}%"
+    return ""
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -277,21 +344,82 @@ def store_cached(path: Path, key: str, entry: dict) -> None:
         pass
 
 
-def decide(q: Question, cache: Path | None, measure: Measure, refresh: bool = False) -> tuple[Choice, dict]:
-    """(the choice, its record: measured rates, whether it came from the cache, seconds spent)."""
+def decide(q: Question, cache: Path | None, measure: Measure, refresh: bool = False,
+           load: Callable[[], tuple[float, int]] | None = None, repeats: int = REPEATS) -> tuple[Choice, dict]:
+    """(the choice, its record: measured rates and rounds, whether it came from the cache, seconds spent, what it
+    expects of a run). A cached decision is measured again when a run found it stale or its runner-up was within
+    the noise ("recheck"); a decision measured on a busy machine is not cached."""
     key = cache_key(q)
-    if cache is not None and not refresh:
-        hit = load_cached(cache, key)
-        if hit is not None:
-            return Choice(**hit["choice"]), dict(hit, cached=True)
+    hit = load_cached(cache, key) if cache is not None else None
+    if hit is not None and not refresh and not hit.get("recheck"):
+        return Choice(**hit["choice"]), dict(hit, cached=True, key=key)
+    before = (load or host_load)()
+    if hit is not None and not refresh and busy(before, []):  # to be measured again, but not on a busy machine:
+        return Choice(**hit["choice"]), dict(hit, cached=True, key=key, deferred=busy(before, []))  # kept for now
     t0 = time.perf_counter()
-    best, rates = search(q, measure)
+    best, measured = search(q, measure, repeats)
     entry = {"choice": asdict(best), "machine": machine(), "torch": torch.__version__,
-             "rates": [[c.label(), round(r, 1)] for c, r in rates], "seconds": round(time.perf_counter() - t0, 2),
-             "date": time.strftime("%Y-%m-%d")}
-    if cache is not None and rates:
+             "rates": [[c.label(), round(median(xs), 1)] for c, xs in measured],
+             "rounds": [[round(x, 1) for x in xs] for _, xs in measured],
+             "seconds": round(time.perf_counter() - t0, 2), "date": time.strftime("%Y-%m-%d"),
+             "at": round(time.time(), 3), "load": [round(before[0], 2), before[1]]}
+    why = busy(before, measured[0][1]) if measured else ""
+    if measured:
+        # A run of the same choice trained at train_ratio x the synthetic rate: expect that again.
+        same = hit is not None and hit.get("choice") == entry["choice"]
+        ratio = float(hit.get("train_ratio") or 1.0) if same else 1.0
+        entry["expect_img_s"] = round(median(measured[0][1]) * ratio, 1)
+        runner = runner_up_within_noise(measured)
+        rechecks = int(hit.get("rechecks") or 0) if hit is not None and hit.get("runner_up") else 0
+        if runner is not None and rechecks < RECHECKS:
+            entry.update(runner_up=runner.label(), rechecks=rechecks + 1,
+                         recheck=f"{runner.label()} was within the noise")
+        elif runner is not None:
+            entry["tie"] = runner.label()
+    if cache is not None and measured and not why:
         store_cached(cache, key, entry)
-    return best, dict(entry, cached=False)
+    return best, dict(entry, cached=False, key=key, busy=why,
+                      again=(hit or {}).get("recheck", "") if not refresh else "")
+
+
+def expected_img_s(record: dict) -> float | None:
+    """The img/s a decision expects of a run (its measured best where it records no expectation)."""
+    try:
+        return float(record.get("expect_img_s") or record["rates"][0][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def mark_checked(cache: Path, key: str, verdict: dict) -> bool:
+    """A run's rate check (train/rate_check.py) recorded in the decision it checked: stale, it is measured again
+    at the next start; the first check of a decision that holds sets what later runs are expected to do (the
+    synthetic measurement leaves out the loader, augmentation and EMA). False when the decision is gone or newer."""
+    entry = load_cached(cache, key)
+    if entry is None or verdict.get("at") != entry.get("at") or not entry.get("rates"):
+        return False
+    observed = float(verdict["measured_img_s"])
+    entry.update(observed_img_s=observed, train_ratio=round(observed / float(entry["rates"][0][1]), 4))
+    if verdict.get("stale"):
+        entry["recheck"] = (f"a run trained at {observed:,.0f} img/s, {100 * verdict['short']:.0f}% short of the "
+                            f"{verdict['expected_img_s']:,.0f} expected")
+    elif "checked" not in entry:
+        entry["expect_img_s"] = observed
+    entry["checked"] = time.strftime("%Y-%m-%d")
+    store_cached(cache, key, entry)
+    return True
+
+
+def follow_up(cache: Path, run_dir: Path) -> bool:
+    """After a run: its rate check (the last "tune_check" event of its metrics.jsonl) into the cache."""
+    verdict = None
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                if '"tune_check"' in line:
+                    verdict = json.loads(line)
+    except (OSError, ValueError):
+        return False
+    return verdict is not None and bool(verdict.get("key")) and mark_checked(cache, verdict["key"], verdict)
 
 
 def device_of(q: Question) -> torch.device:
@@ -300,27 +428,47 @@ def device_of(q: Question) -> torch.device:
 
 
 def table(record: dict) -> str:
-    """The measured candidates, fastest first, with their speed relative to the fastest."""
+    """The measured candidates, fastest first: median img/s of their rounds, the rounds' spread, speed relative
+    to the fastest."""
     rates = record.get("rates") or []
     if not rates:
         return "(nothing measured)"
+    rounds = record.get("rounds") or [[r] for _, r in rates]
     width = max(len(label) for label, _ in rates)
-    lines = [f"{'candidate':<{width}}  {'img/s':>9}  {'vs best':>7}"]
-    lines += [f"{label:<{width}}  {r:>9,.0f}  {r / rates[0][1]:>7.2f}" for label, r in rates]
-    return "\n".join(lines + [f"({record.get('machine', '?')}, torch {record.get('torch', '?')})"])
+    lines = [f"{'candidate':<{width}}  {'img/s':>9}  {'spread':>6}  {'rounds':>6}  {'vs best':>7}"]
+    lines += [f"{label:<{width}}  {r:>9,.0f}  {100 * spread(xs):>5.1f}%  {len(xs):>6}  {r / rates[0][1]:>7.2f}"
+              for (label, r), xs in zip(rates, rounds)]
+    load = record.get("load")
+    where = f", load average {load[0]:.2f} on {load[1]} CPUs" if load else ""
+    return "\n".join(lines + [f"({record.get('machine', '?')}, torch {record.get('torch', '?')}{where})"])
 
 
 def summary_line(choice: Choice, record: dict) -> str:
-    """One line: what was chosen, and what it was measured against (or that the cache said so)."""
+    """One line: what was chosen, and what it was measured against (or that the cache said so), and whether the
+    decision is kept (not on a busy machine) or measured again at the next start (a runner-up within the noise)."""
+    expect = expected_img_s(record)
     if record.get("cached"):
-        return f"tuned: {choice.label()} (measured on {record.get('date', '?')}, cached)"
+        expects = f"; expects {expect:,.0f} img/s" if expect else ""
+        later = (f"; to be measured again ({record['recheck']}), not now: the machine is busy ({record['deferred']})"
+                 if record.get("deferred") else "")
+        return f"tuned: {choice.label()} (measured on {record.get('date', '?')}, cached{expects}){later}"
     rates = record.get("rates") or []
     if not rates:
         return f"tuned: {choice.label()} (nothing to measure)"
     best = rates[0][1]
+    rounds = (record.get("rounds") or [[best]])[0]
     others = "; ".join(f"{label}: {r:,.0f}" for label, r in rates[1:])
-    return (f"tuned in {record['seconds']:.1f} s on {record['machine']}: {choice.label()} at {best:,.0f} img/s"
-            + (f" (against {others})" if others else ""))
+    line = (f"tuned in {record['seconds']:.1f} s on {record['machine']}: {choice.label()} at {best:,.0f} img/s "
+            f"(+-{50 * spread(rounds):.0f}% over {len(rounds)} rounds)" + (f" (against {others})" if others else ""))
+    if record.get("again"):
+        line = f"measured again ({record['again']}): " + line
+    if record.get("busy"):
+        line += f"; not cached: the machine was busy ({record['busy']}), measured again at the next start"
+    elif record.get("recheck"):
+        line += f"; {record['runner_up']} was within the noise: measured again at the next start"
+    elif record.get("tie"):
+        line += f"; {record['tie']} is as fast within the noise"
+    return line
 
 
 # ----------------------------------------------------------------------------- a run's `auto` fields
@@ -361,19 +509,23 @@ def question_for(cfg, explicit: set[str], shape: tuple[int, int, int], num_class
 
 
 def tune_run(cfg, explicit: set[str], shape: tuple[int, int, int], num_classes: int, cache: Path,
-             say: Callable[[str], None] = print) -> list[str]:
-    """Measure (or read from the cache) what `cfg` leaves open, apply it to `cfg`, say it in one line and
-    return it as command-line overrides for the ranks to be launched (all ranks get the same)."""
+             say: Callable[[str], None] = print, refresh: bool = False) -> list[str]:
+    """Measure (or read from the cache; `refresh`: measure now) what `cfg` leaves open, apply it to `cfg`, say it
+    in one line and return it as command-line overrides for the ranks to be launched (all ranks get the same).
+    The ranks are told what speed to expect (rate_check.TUNED_ENV)."""
     q = question_for(cfg, explicit, shape, num_classes)
     if q is None or not q.open:
         return []
     device = device_of(q)
     # timed with the settings training runs with (on CUDA: cuDNN autotuning, TF32 with --tf32)
     runtime.accelerator(cfg.device).configure_training(deterministic=cfg.deterministic, tf32=cfg.tf32)
-    choice, record = decide(q, cache, lambda c: measure_choice(c, q, device=device))
+    choice, record = decide(q, cache, lambda c: measure_choice(c, q, device=device), refresh=refresh)
     say(f"phalanx: {summary_line(choice, record)}")
-    if record.get("rates"):  # a --budget's first estimate of the speed, before the ranks measure their own
-        os.environ[TUNED_RATE_ENV] = repr(float(record["rates"][0][1]))
+    expect = expected_img_s(record)
+    if expect:  # a --budget's first estimate of the speed, and what the ranks check their own speed against
+        os.environ[TUNED_RATE_ENV] = repr(expect)
+        os.environ[TUNED_ENV] = json.dumps({"img_s": expect, "label": choice.label(), "key": record["key"],
+                                            "at": record.get("at")})
     argv = []
     if len(q.layouts) > 1:
         cfg.parallel.nproc, cfg.parallel.threads_per_rank = str(choice.nproc), choice.threads

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from phalanx.config import CheckpointConfig
+from phalanx.runtime import hang
 
 
 def log_every(steps_per_epoch: int) -> int:
@@ -64,6 +65,7 @@ def agree_all(flags: list[bool], device: torch.device) -> list[bool]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(flags)
     t = torch.tensor([int(f) for f in flags], device=device)
+    hang.entered("all_reduce (agree)")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 

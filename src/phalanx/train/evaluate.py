@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phalanx.data import shards
 from phalanx.data.augment import Normalize, eval_crop_of
 from phalanx.data.imageio import IMAGE_EXTENSIONS, decode_chw, is_image_file
 from phalanx.data.loader import SplitOnDevice, eval_chunks, to_nchw
-from phalanx.data.sources import open_on_node
+from phalanx.data.sources import cache_dir, open_on_node
+from phalanx.data.streaming import StreamSplit, stream_workers
 from phalanx.durable import is_numbers
 from phalanx.errors import CheckpointError, DataError, first_line
 from phalanx.models import build_model, model_refusal
@@ -170,14 +172,20 @@ def eval_main(cfg, target: Path) -> dict:
         model, meta = load_weights(target, env.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
-                             cfg.data.size, cfg.data.channels)
+        from_shards = shards.is_shards(cfg.data.path)
+        if from_shards:  # tar shards (a URL): the test split is read through the node's cache by DataLoader workers
+            store = shards.open_shards(cfg.data.path, cfg.data.size, cfg.data.channels, cache_dir(cfg.data.cache_dir),
+                                       cfg.data.shard_cache, env.is_main)
+        else:
+            store = open_on_node(cfg.data.path, cfg.data.cache_dir, cfg.data.auto_install, env.local_rank,
+                                 cfg.data.size, cfg.data.channels)
         split = store["test" if "test" in store.splits else "val"]
         if store.shape[2] != meta["in_channels"] or len(store.classes) != meta["num_classes"]:
             raise DataError(f"{store.path}: {store.shape} images with {len(store.classes)} classes do not fit "
                             f"{target} ({meta['in_channels']} channels, {meta['num_classes']} classes)")
         normalize = Normalize(meta["mean"], meta["std"], env.device, cfg.model.channels_last, eval_crop_of_meta(meta))
-        data = SplitOnDevice(split, env.device, resident=False)
+        data = (StreamSplit(split, env.device, stream_workers(cfg.data.stream_workers, env.local_world)) if from_shards
+                else SplitOnDevice(split, env.device, resident=False))
         prec = Precision.from_config(cfg.precision, env.accel)
         res = evaluate(model, data, normalize, cfg.eval_batch, env.world, env.rank, prec, cfg.tta_flip)
         res.update(weights=str(target), data=str(store.path), world=env.world)

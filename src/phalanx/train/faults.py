@@ -1,8 +1,10 @@
 """Fault injection for tests of failure handling; inert unless PHALANX_FAULT is set.
 
 PHALANX_FAULT="point:rank:step:action" — at `point` ("step", "ckpt_write" or "eval": an evaluation's start),
-on `rank` at global step `step`, do `action`: "exit" (os._exit(3)), "kill" (SIGKILL self), "term" (SIGTERM
-self, as a scheduler's preemption would) or "hang" (sleep for ever; "stop": SIGSTOP self, a frozen process).
+on `rank` at global step `step`, do `action`: "exit" (os._exit(3)), "kill" (SIGKILL self), "lose" (SIGKILL
+after removing the files of $PHALANX_FAULT_LOST_DIR: a node lost with its memory, for snapshots), "term" (SIGTERM
+self, as a scheduler's preemption would), "hang" (sleep for ever), "stall" (block for ever in C code that holds
+the GIL, as a stuck device or library call would: `stall_here`) or "stop" (SIGSTOP self, a frozen process).
 An optional 5th field restricts it to one elastic restart count (default 0, the first attempt).
 """
 from __future__ import annotations
@@ -29,6 +31,10 @@ def maybe(point: str, rank: int, step: int) -> None:
         os._exit(3)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "lose":  # a node lost with its memory: the files of $PHALANX_FAULT_LOST_DIR go, then SIGKILL
+        for f in os.scandir(os.environ.get("PHALANX_FAULT_LOST_DIR") or "/nonexistent"):
+            os.unlink(f.path)
+        os.kill(os.getpid(), signal.SIGKILL)
     if action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
         return
@@ -38,3 +44,15 @@ def maybe(point: str, rank: int, step: int) -> None:
     if action == "hang":
         while True:
             time.sleep(60)
+    if action == "stall":
+        stall_here()
+
+
+def stall_here() -> None:
+    """Block for ever inside a C call that holds the GIL (pause(2) through ctypes.PyDLL): no other Python thread
+    of this process runs. A signal ends one pause; the interpreter then runs its Python handlers and pauses
+    again, here."""
+    import ctypes
+    libc = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL, unlike CDLL
+    while True:
+        libc.pause()  # tests/dist/test_hang.py looks for this line in the stalled rank's stacks

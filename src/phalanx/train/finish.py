@@ -42,6 +42,8 @@ def finish(run, result: dict, train_s: float, weights: dict) -> None:
     summary = dict(result, run_dir=str(run_dir), global_step=state.position.global_step, world=run.env.world,
                    precision=state.precision.name, train_s=round(train_s, 2), strategy=state.strategy.name,
                    memory_per_rank=run.memory)
+    if getattr(run, "startup", None) is not None:  # the seconds before the first step, by phase (train/startup.py)
+        summary["startup_s"] = run.startup.seconds()
     if run.budget is not None:  # the budget, the wall time predicted from the measured speed, and the real one
         summary.update(budget_s=run.budget.seconds, predicted_s=run.predicted_s,
                        actual_s=round(run.budget.spent(), 1))

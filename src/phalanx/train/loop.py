@@ -24,20 +24,23 @@ from phalanx.observe.profile import StepProfiler
 from phalanx.parallel.collectives import broadcast_object, ranks_holding
 from phalanx.parallel.invariant import loss_scale, micro_steps
 from phalanx.runtime import dist as rdist
-from phalanx.train import cadence, faults, sharded_checkpoint
+from phalanx.runtime import hang
+from phalanx.train import cadence, faults, snapshot
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.budget import eval_seconds_guess
 from phalanx.train.checkpoint_writer import CheckpointWriter, asynchronous
 from phalanx.train.evaluate import evaluate
 from phalanx.train.finish import finish
+from phalanx.train.rate_check import RateCheck, expectation, verdict_line
 from phalanx.train.setup import Run, setup
+from phalanx.train.startup import line as startup_line
 from phalanx.train.state import Position
 from phalanx.train.step import train_step
 
 
 def train(cfg: C.Config) -> dict:
     """Train per `cfg` on this process's rank; returns the final metrics (on every rank)."""
-    env = rdist.init(cfg.parallel, cfg.device)
+    env = rdist.init(cfg.parallel, cfg.device, cfg.run_dir)
     try:
         return fit(setup(cfg, env))
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
@@ -45,24 +48,33 @@ def train(cfg: C.Config) -> dict:
             stop_for_peer_failure(env, e, Path(cfg.run_dir or "RUN_DIR") / "logs")
         raise
     finally:
+        hang.disarm()
         rdist.teardown()
 
 
 def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> None:
     """One line naming the rank that failed, on the console, in this rank's log and in the launcher's
     report; then exit 1. A timed-out collective means a stalled rank: the ranks that are alive check in
-    through the store, and the ones that do not are named."""
+    through the store, and the ones that do not are named, with where they stood: asked for their stacks
+    (runtime/hang.py), each writes them into its log, and the line names the innermost Phalanx frame of each."""
     detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]
     timed_out = any(w in str(e).lower() for w in ("timed out", "timeout"))
+    waiting_in = hang.collective_now()
+    if timed_out:
+        hang.write_own_stacks(e, f"a collective timed out while {env.phase}")
     silent = rdist.unanswered_ranks(env) if timed_out and env.distributed else []  # no store before init
-    if silent is None and env.store_on_rank0 and env.rank != 0:
+    store_lost = silent is None and env.store_on_rank0 and env.rank != 0
+    if store_lost:
         silent, how = [0], "neither its collectives nor the store it hosts answered"
     else:
         how = f"it did not check in through the store within {rdist.ANSWER_WINDOW_S:g} s either"
     if silent:
-        who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
-        msg = (f"phalanx: {who} stalled (stopped, hung or starved): rank {env.rank} timed out waiting for it "
-               f"while {env.phase} ({detail}), and {how}; its log: {logs / f'rank-{silent[0]}.log'}")
+        answers = hang.ask_stacks(logs, silent)
+        who = (f"rank {silent[0]}{rdist.node_of(env, silent[0])} stalled {hang.where(answers[0])}" if len(silent) == 1 else
+               f"ranks {', '.join(map(str, silent))} stalled ({'; '.join(f'rank {a.rank} {hang.where(a)}' for a in answers)})")
+        msg = (f"phalanx: {who}. Rank {env.rank} timed out waiting for it{' in ' + waiting_in if waiting_in else ''} "
+               f"while {env.phase} ({detail}), and {how}; its {'log' if answers[0].silence else 'stacks and log'}: "
+               f"{logs / f'rank-{silent[0]}.log'}")
     else:
         msg = (f"phalanx: rank {env.rank} stopped while {env.phase}: another rank exited or stalled "
                f"({detail}). The launcher's report below names the failing rank; every rank's log is in "
@@ -70,7 +82,8 @@ def stop_for_peer_failure(env: rdist.DistEnv, e: RuntimeError, logs: Path) -> No
     # In this rank's log, and on the console unless Phalanx's launcher prints the failing rank's line once. When
     # silent ranks were found, the agent reports this rank as the failure: its report must name the stalled one.
     from phalanx.runtime.launch import tell_from_rank
-    tell_from_rank(msg, for_agent=bool(silent))
+    # On another node than rank 0's, the launcher's agent waits minutes on its rendezvous store there: say it now.
+    tell_from_rank(msg, for_agent=bool(silent), console=store_lost and env.local_world < env.world)
     if not timed_out:
         # Exit after the peer: the agent names the first rank it sees exit as the root cause, and
         # forked ranks are polled together (it checks every 0.1 s under `phalanx train --nproc`).
@@ -92,6 +105,8 @@ def fit(run: Run) -> dict:
         result = train_to_end(run)
         run.writer.close()  # the last checkpoint is sealed before the command returns; a failed write says so
         ended = True
+        if run.snapshots is not None:  # the run ended (finished or preempted, its checkpoint sealed): not needed
+            run.snapshots.remove_own()
         return result
     finally:
         if not ended:  # an error ends the run: the checkpoint in flight is still sealed, the error stays the first
@@ -104,6 +119,8 @@ def train_to_end(run: Run) -> dict:
     preempt = cadence.Preemption()
     progress = Progress(run.total_steps, min(state.position.global_step, run.total_steps), cfg.progress and env.is_main)
     meter, timer = TrainMeter(env.device), Timer()
+    # rank 0 times its first minute of steps against the speed the tuner's decision expects
+    rate_check = RateCheck(expectation() if env.is_main else None, cfg.global_batch)
     profiler = StepProfiler(cfg.log.profile, cfg.log.profile_start, run.run_dir / "profile", env.rank, env.device,
                             env.is_main)
     samples = (open(run.run_dir / "logs" / f"samples-rank-{env.rank}.jsonl", "a")  # noqa: SIM115 (closed below)
@@ -133,9 +150,12 @@ def train_to_end(run: Run) -> dict:
                 imgs_epoch += cfg.global_batch
                 if after_optimizer_step(run, batch, meter, progress, epoch, timer, preempt):
                     return stop_for_preemption(run, epoch, preempt.signal_name)
+                if (verdict := rate_check.step(state.position.global_step >= run.total_steps)) is not None:
+                    check_tuned_rate(run, verdict)
                 if state.position.global_step >= run.total_steps:
                     break
             result = end_of_epoch(run, epoch, imgs_epoch / max(time.perf_counter() - t_epoch, 1e-9), timer) or result
+            rate_check.gap()  # the evaluation and the next epoch's start are not training steps
     finally:
         profiler.close()
         progress.close()
@@ -172,6 +192,7 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
     cfg, env, pos = run.cfg, run.env, run.state.position
     pos.step, pos.global_step = batch.step + 1, pos.global_step + 1
     if not run.memory:  # after this process's first step (a resumed one's too): the optimizer state exists now
+        report_startup(run)
         rdist.set_collective_timeout(cfg.parallel.timeout_s, env)
         report_memory(run)
     faults.maybe("step", env.rank, pos.global_step)
@@ -196,7 +217,42 @@ def after_optimizer_step(run: Run, batch, meter: TrainMeter, progress: Progress,
     if due:
         save_checkpoint(run, "periodic")
         timer.checkpointed()
+    elif run.snapshots is not None and snapshot.due(run.snapshots.every, pos.global_step, pos.step,
+                                                    run.steps_per_epoch):
+        take_snapshot(run)
     return False
+
+
+def take_snapshot(run: Run) -> None:
+    """The state into this node's shared memory (train/snapshot.py); every rank takes part."""
+    env, state = run.env, run.state
+    env.phase = f"taking an in-memory snapshot at step {state.position.global_step}"
+    meta = {"global_batch": run.cfg.global_batch, "reason": "snapshot"}
+    if run.budget is not None:
+        meta["budget_spent_s"] = round(run.budget.spent(), 3)
+    run.snapshots.take(state, meta)
+    run.log.debug(f"in-memory snapshot of step {state.position.global_step} in "
+                  f"{1e3 * run.snapshots.blocked_s[-1]:.0f} ms")
+
+
+def report_startup(run: Run) -> None:
+    """The seconds from the command's start to this first optimizer step, by phase: one line, and (finish)
+    summary.json's `startup_s`."""
+    if run.startup is None:
+        return
+    run.startup.mark("first_step")
+    run.log.info(startup_line(run.startup.seconds()))
+
+
+def check_tuned_rate(run: Run, verdict: dict) -> None:
+    """The tuner's decision against this run's first minute: in metrics.jsonl (the launcher records it in the
+    cache), and one line when the run trains more than 10% slower than it expected."""
+    run.metrics.write(event="tune_check", step=run.state.position.global_step, **verdict)
+    if verdict["stale"]:
+        run.log.warning(verdict_line(verdict))
+    else:
+        run.log.debug(f"the tuned layout ({verdict['label']}) trains at {verdict['measured_img_s']:,.0f} img/s, "
+                      f"{verdict['expected_img_s']:,.0f} expected")
 
 
 def follow_budget(run: Run, progress: Progress) -> None:
@@ -361,6 +417,7 @@ def save_checkpoint(run: Run, reason: str):
     path = None
     with rdist.rank0_alone(env):  # a replicated model's checkpoint is rank 0's alone: the others wait longer
         if state.strategy.sharded:
+            from phalanx.train import sharded_checkpoint  # here: DCP's import (~0.3 s) is an FSDP run's alone
             path = sharded_checkpoint.save(root, step, sd["model"], sd["optim"], meta, sd["ema"], keep, env.rank)
         elif env.is_main and run.writer.enabled:  # --ckpt.async: a copy in host memory, written in the background
             t0 = time.perf_counter()

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from phalanx import config as C
-from phalanx.data import streaming
+from phalanx.data import shards, streaming
 from phalanx.data.augment import Normalize, eval_crop_of
 from phalanx.data.loader import SplitOnDevice, TrainLoader, evenly_spaced
 from phalanx.data.sampler import GlobalSampler
-from phalanx.data.sources import open_on_node
+from phalanx.data.sources import cache_dir, open_on_node
 from phalanx.errors import CheckpointError, ConfigError, DataChoiceError, DataError
 from phalanx.models import build_model
 from phalanx.observe.console import MetricsWriter, setup_logging
@@ -32,6 +32,7 @@ from phalanx.paths import (
     launcher_run_dir,
     started_by_launcher,
 )
+from phalanx.runtime import hang
 from phalanx.runtime.dist import DistEnv
 from phalanx.train import checkpoint as ckpt
 from phalanx.train.budget import (
@@ -45,6 +46,8 @@ from phalanx.train.budget import (
 from phalanx.train.checkpoint_writer import CheckpointWriter
 from phalanx.train.precision import Precision
 from phalanx.train.schedule import build_optimizer, build_scheduler
+from phalanx.train.snapshot import Snapshots, newest_disk_step, resume_from_snapshot
+from phalanx.train.startup import Phases
 from phalanx.train.state import Position, TrainState
 
 
@@ -70,6 +73,8 @@ class Run:
     predicted_s: float | None = None             # the budget's latest estimate of the whole run's wall time
     eval_s: float | None = None                  # the final evaluation's seconds, timed for the budget
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # --ckpt.async: writes in the background
+    startup: Phases | None = None                # the seconds before the first step, by phase (train/startup.py)
+    snapshots: Snapshots | None = None           # --ckpt.snapshot_every: the state in the nodes' shared memory
 
     @property
     def epochs(self) -> int:
@@ -162,7 +167,12 @@ def check_run_dir(cfg: C.Config) -> None:
 def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
     """(store, loader, test data, normalize, sampler): local rank 0 prepares the store once per node and
     every rank maps the same files; or, streamed, DataLoader workers decode the ImageFolder every step."""
-    if cfg.data.stream:
+    from_shards = shards.is_shards(cfg.data.path)
+    if from_shards:  # tar shards from a URL or folder: DataLoader workers read them through a node's cache
+        workers = streaming.stream_workers(cfg.data.stream_workers, env.local_world)
+        store = shards.open_shards(cfg.data.path, cfg.data.size, cfg.data.channels, cache_dir(cfg.data.cache_dir),
+                                   cfg.data.shard_cache, env.is_main)
+    elif cfg.data.stream:
         workers = streaming.stream_workers(cfg.data.stream_workers, env.local_world)
         store = streaming.open_folder_stream(cfg.data.path, cfg.data.size, cfg.data.channels, workers, env.is_main)
         if not cfg.data.channels:  # recorded in config.toml, so `phalanx eval RUN_DIR` prepares the same channels
@@ -177,11 +187,16 @@ def open_data(cfg: C.Config, env: DistEnv, run_dir: Path):
                             f"per micro-step than the {env.world} ranks")
     # Invariant mode: M / W micro-steps per rank, so that each rank's part of a micro-step is one micro-batch.
     accum = micro_steps(cfg, env.world)
-    sampler = GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank, accum)
+    sampler = (store.sampler(cfg.global_batch, cfg.seed, env.world, env.rank, accum, cfg.data.shard_buffer)
+               if from_shards else GlobalSampler(len(train_split), cfg.global_batch, cfg.seed, env.world, env.rank,
+                                                 accum))
     a = cfg.augment  # evaluation resizes and centre-crops when the model trains on crops
     normalize = Normalize(store.mean, store.std, env.device, cfg.model.channels_last,
                           eval_crop_of(a.crop_size, a.eval_crop, store.shape[0]))
-    if cfg.data.stream:
+    if from_shards:
+        loader = shards.ShardTrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed, workers)
+        test_data = streaming.StreamSplit(test_split, env.device, workers)
+    elif cfg.data.stream:
         loader = streaming.StreamTrainLoader(train_split, sampler, cfg.augment, normalize, env.device, cfg.seed,
                                              workers)
         test_data = streaming.StreamSplit(test_split, env.device, workers)
@@ -278,7 +293,10 @@ def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_
         load_pretrained(net, m.pretrained, len(store.classes))
     elif cfg.model.whiten and hasattr(net, "whiten_stem"):  # before DDP's broadcast; a resume overwrites it
         train_split = store["train"]
-        net.whiten_stem(normalize(evenly_spaced(train_split, 512 if cfg.data.stream else 2048).to(env.device)))
+        # shards: the first shard's images (training samples are shuffled across shards), not one of every shard
+        sample = (train_split.sample(512) if isinstance(train_split, shards.ShardSplit) else
+                  evenly_spaced(train_split, 512 if cfg.data.stream else 2048))
+        net.whiten_stem(normalize(sample.to(env.device)))
     strategy = build_strategy(cfg, env)
     model = strategy.wrap(net)
     optimizer = build_optimizer(strategy.plain, cfg.optim, fused=env.accel.fused_optimizers)
@@ -291,6 +309,11 @@ def build_state(cfg: C.Config, env: DistEnv, store, normalize: Normalize, total_
 def resume(run: Run) -> None:
     """Continue from an explicit --resume, or from a checkpoint already in this run directory."""
     cfg, env, log, state = run.cfg, run.env, run.log, run.state
+    # A restarted group resumes from the newest in-memory snapshot every rank can load, when newer than the
+    # newest checkpoint on disk (an explicit --resume names a checkpoint: never a snapshot).
+    if run.snapshots is not None and not cfg.ckpt.resume and \
+            resume_from_snapshot(run, newest_disk_step(run.run_dir / "checkpoints")):
+        return
     if cfg.ckpt.resume:
         found = ckpt.find_latest(Path(cfg.ckpt.resume))
         if found is None:  # asked for explicitly: never silently start from scratch
@@ -337,13 +360,18 @@ def set_aside_newer(run: Run, found: Path | None, skipped: list) -> None:
 
 
 def setup(cfg: C.Config, env: DistEnv) -> Run:
+    startup = Phases.inherited(command_start())  # the launcher's phases; this rank's follow (train/startup.py)
+    startup.mark("launch")
     env.phase = "preparing the run directory"
     run_dir = resolve_run_dir(cfg, env)
+    startup.mark("run_dir")
     log = setup_logging(run_dir, env.rank, console=env.is_main)
+    hang.arm(env, run_dir / "logs")  # SIGUSR2: stacks into the rank's log; the last collective in rank-K.where
     log.info(f"rank {env.rank}/{env.world} pid {os.getpid()} device {env.device} threads {env.threads} "
              f"backend {env.backend} restart {env.restart}")
     env.phase = "preparing the data"
     store, loader, test_data, normalize, sampler = open_data(cfg, env, run_dir)
+    startup.mark("rank_data")
     steps_per_epoch = sampler.steps
     budget = (Budget(C.parse_duration(cfg.budget), command_start(),
                      every=estimate_every(steps_per_epoch, env.accel.host_reads_sync)) if cfg.budget else None)
@@ -354,6 +382,7 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
         total_steps = min(total_steps, cfg.max_steps)
     horizon = {"total": total_steps}
     state = build_state(cfg, env, store, normalize, horizon, steps_per_epoch)
+    startup.mark("model")
     h, w, c = store.shape
     n_params = sum(p.numel() for p in state.plain.parameters())
     log.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f} M params) | data {store.path.name} "
@@ -362,8 +391,15 @@ def setup(cfg: C.Config, env: DistEnv) -> Run:
              f"{cfg.global_batch} ({steps_per_epoch} steps/epoch)")
     run = Run(cfg, env, run_dir, log, MetricsWriter(run_dir / "metrics.jsonl" if env.is_main else None), store,
               loader, test_data, normalize, state, steps_per_epoch, total_steps, budget=budget, horizon=horizon)
+    # Snapshots serve only a group that the elastic agent may restart (`--max-restarts` above 0).
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    run.snapshots = Snapshots.for_run(cfg.ckpt.snapshot_every, cfg.ckpt.snapshot_dir, run_dir, env,
+                                      state.strategy.sharded, elastic=restarts.isdigit() and int(restarts) > 0)
     resume(run)
+    startup.mark("resume")
     if env.is_main:  # only now: a refused resume (another model's run, a corrupt checkpoint) changes no file
         (run_dir / "config.toml").write_text(C.to_toml(cfg))
         run.metrics.sinks = metric_sinks(cfg, run_dir, state.export_model, log)  # TensorBoard, per cfg.log
+        startup.mark("sinks")
+    run.startup = startup  # the loop marks the first step
     return run

@@ -75,7 +75,11 @@ class TrainState:
             self.strategy.load_optim_state(self.optimizer, sd["optim"], source / "optim.safetensors")
             if self.ema is not None and sd["ema"] is not None:
                 self.strategy.load_full(self.ema, sd["ema"], source / "ema.safetensors")
-        st = sd["state"]
+        self.load_progress(sd["state"], rank)
+
+    def load_progress(self, st: dict, rank: int) -> None:
+        """Everything but the tensors of model, optimizer and EMA: schedule, scaler, position, history, RNG
+        (a checkpoint's state.json, or an in-memory snapshot's, train/snapshot.py)."""
         self.scheduler.load_state_dict(st["scheduler"])
         self.precision.load_state_dict(st.get("scaler"))
         self.position = Position(**st["position"])

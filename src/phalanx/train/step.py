@@ -14,12 +14,15 @@ import torch.nn.functional as F
 
 from phalanx.data.loader import Batch
 from phalanx.observe.profile import region
+from phalanx.runtime import hang
 from phalanx.train.state import TrainState
 
 
 def forward_backward(state: TrainState, batch: Batch, loss_scale: float, label_smoothing: float,
                      sync: bool) -> torch.Tensor:
     """Accumulate this micro-batch's gradients; returns its loss sum (detached, on the device)."""
+    if sync:
+        hang.entered("gradient reduction (forward/backward)")
     with state.strategy.no_sync(sync):
         with region("forward"):
             with state.precision.autocast():

@@ -33,8 +33,11 @@ def test_search_picks_the_fastest_one_field_at_a_time():
     measure, calls = fake_rates({"bf16_fast": False, "cl_best": False})
     best, rates = tune.search(_q(), measure)
     assert best == Choice(2, 2, "fp32", False)
-    assert len(calls) == len(set(calls)) == 3 + 1 + 1  # layouts, then the other precision, then the other format
-    assert rates[0] == (best, max(r for _, r in rates))
+    # layouts, then the other precision, then the other format; each in 3 interleaved rounds
+    assert len(set(calls)) == 3 + 1 + 1 and len(calls) == 3 * len(set(calls))
+    assert calls[:9] == [Choice(n, t, "bf16", True) for n, t in ((1, 4), (2, 2), (4, 1), (2, 2), (4, 1), (1, 4),
+                                                                  (4, 1), (1, 4), (2, 2))]  # rotated each round
+    assert rates[0] == (best, [max(tune.median(xs) for _, xs in rates)] * 3)
 
 
 def test_closed_question_measures_nothing():
@@ -50,32 +53,34 @@ def test_layouts_use_every_core_and_keep_32_images_per_rank():
     assert tune.layouts_for(2, 16) == ((1, 2),)
 
 
-def test_decision_is_cached_per_question_and_refreshed_on_demand(tmp_path):
+def test_decision_is_cached_per_question_and_refreshed_on_demand(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "host_load", lambda: (0.0, 4))  # a quiet machine
     cache = tmp_path / "tune.json"
     measure, calls = fake_rates({"bf16_fast": True})
     first, rec = tune.decide(_q(), cache, measure)
-    assert not rec["cached"] and first == Choice(2, 2, "bf16", True) and len(calls) == 5
+    assert not rec["cached"] and first == Choice(2, 2, "bf16", True) and len(calls) == 15
     again, rec = tune.decide(_q(), cache, measure)
-    assert again == first and rec["cached"] and len(calls) == 5  # no new measurement
+    assert again == first and rec["cached"] and len(calls) == 15  # no new measurement
     other, _ = tune.decide(_q(global_batch=512), cache, measure)  # another question: measured
-    assert len(calls) == 10 and len(json.loads(cache.read_text())) == 2
+    assert len(calls) == 30 and len(json.loads(cache.read_text())) == 2
     tune.decide(_q(), cache, measure, refresh=True)
-    assert len(calls) == 15
+    assert len(calls) == 45
     assert "cached" in tune.summary_line(again, dict(json.loads(cache.read_text())[tune.cache_key(_q())],
                                                       cached=True))
 
 
-def test_a_damaged_cache_is_measured_again(tmp_path):
+def test_a_damaged_cache_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "host_load", lambda: (0.0, 4))
     cache = tmp_path / "tune.json"
     measure, calls = fake_rates({})
     cache.write_text("{not json")
     tune.decide(_q(), cache, measure)
-    assert len(calls) == 5
+    assert len(calls) == 15
     data = json.loads(cache.read_text())
     data[tune.cache_key(_q())]["choice"] = {"nproc": "x", "bogus": 1}
     cache.write_text(json.dumps(data))
     tune.decide(_q(), cache, measure)
-    assert len(calls) == 10
+    assert len(calls) == 30
 
 
 def test_question_follows_what_the_user_fixed(monkeypatch):
