@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,14 @@ def tiny_run(tmp_path_factory) -> Path:
                  "--optim.lr", "0.4", "--progress", "false", "--ckpt.at_epoch_end", "false", "--run_dir", str(run_dir)])
     assert code == 0 and (run_dir / "model.safetensors").is_file()
     return run_dir
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.2):
+    """pred()'s first true value, polled every `every` s; an AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for  # noqa: F401 (the lane's tests import it from here)
+
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel")
 START_TIMEOUT_S = 60.0
@@ -153,11 +155,3 @@ def restart_count(env: dict, job: str) -> int:
     return -1
 
 
-def wait_for(pred, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from phalanx.errors import ConfigError
+from phalanx.paths import process_alive
 
 log = logging.getLogger("phalanx")
 
@@ -278,20 +279,10 @@ def remove_stale(root: Path, run: str) -> int:
     n = 0
     for p in Path(root).glob(f"{PREFIX}{run}-{host}-*"):
         m = re.match(rf"{re.escape(PREFIX + run)}-{re.escape(host)}-(\d+)-o", p.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             n += 1
     return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_held_by_launcher(run_dir: Path, root: str | Path) -> int:
