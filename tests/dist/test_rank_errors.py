@@ -37,10 +37,11 @@ def test_a_config_error_raised_in_every_rank_is_one_line_exit_2(cache_dir, idx, 
                      "--parallel.strategy", "fsdp", "--precision", "fp16", "--parallel.start_method", method],
                     cache_dir, timeout=300)
     assert_one_line(r, 2, "precision=fp16: not supported with --parallel.strategy fsdp")
-    # the per-rank detail stays in each rank's own log
-    for rank in (0, 1):
-        log = tmp_path / "run" / "logs" / f"rank-{rank}.log"
-        assert "precision=fp16: not supported" in log.read_text()
+    # the per-rank detail stays in the rank's own log: in the failing rank's at least (the agent stops the other
+    # ranks as soon as one exits, and under spawn rank 0, which does more before building the model, may be
+    # stopped before it gets there)
+    logs = [(tmp_path / "run" / "logs" / f"rank-{rank}.log").read_text() for rank in (0, 1)]
+    assert any("precision=fp16: not supported" in log for log in logs), logs
 
 
 @pytest.mark.slow
