@@ -39,10 +39,12 @@ def job_env(cluster: dict, cache_dir: Path) -> dict:
     return env
 
 
-def submit(cluster, cache_dir, run_dir: Path, nproc: int, args: list[str], *slurm_args: str) -> str:
+def submit(cluster, cache_dir, run_dir: Path, nproc: int, args: list[str], *slurm_args: str,
+           extra_env: dict | None = None) -> str:
+    """Submit through `phalanx slurm submit`; sbatch hands the job this environment (with `extra_env`)."""
     r = subprocess.run([sys.executable, "-m", "phalanx", "slurm", "submit", "--run_dir", str(run_dir), "--nproc",
                         str(nproc), *slurm_args, "--", *args], capture_output=True, text=True, timeout=120,
-                       env=job_env(cluster, cache_dir))
+                       env=dict(job_env(cluster, cache_dir), **(extra_env or {})))
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout.split()[2].rstrip(";")
 
@@ -138,8 +140,11 @@ def test_a_job_requeued_from_outside_resumes_to_the_same_weights(slurm_cluster, 
 
 
 LIMITED = ["--epochs", "50"]
-"""500 steps: ~35 s of 2 ranks on 2 idle cores (AMD EPYC), ~70 s while the reference trains beside it: longer
-than SLURM lets the first attempt run (below)."""
+"""500 steps: ~35 s of 2 ranks on 2 idle cores (AMD EPYC), ~70 s while the reference trains beside it."""
+PACE = {"PHALANX_FAULT_STEP_SLEEP": "0.15"}
+"""And 0.15 s after each step (train/faults.py; the maths is unchanged): at least 75 s in all on any machine,
+longer than SLURM lets the first attempt run (below). Without it, an idle CI machine finished the run before the
+warning came."""
 MOST_ATTEMPTS = 12
 """Each attempt spends ~10 s starting on an idle machine (of its ~60 s); on a machine shared with much other work,
 start-up alone took 50 s of them, and the run needs more attempts."""
@@ -170,7 +175,7 @@ def test_a_job_that_reaches_its_time_limit_is_warned_by_slurm_requeued_and_ends_
     env = slurm_cluster["env"]
     run_dir = tmp_path / "limit"
     job = submit(slurm_cluster, cache_dir, run_dir, 2, train_args(small_idx, *LIMITED), "--time", "1",
-                 "--signal_s", "1")
+                 "--signal_s", "1", extra_env=PACE)
     reference = threading.Thread(target=references, args=(2, *LIMITED), daemon=True)
     reference.start()
     seen, started_at = 0, []

@@ -6,6 +6,10 @@ after removing the files of $PHALANX_FAULT_LOST_DIR: a node lost with its memory
 self, as a scheduler's preemption would), "hang" (sleep for ever), "stall" (block for ever in C code that holds
 the GIL, as a stuck device or library call would: `stall_here`) or "stop" (SIGSTOP self, a frozen process).
 An optional 5th field restricts it to one elastic restart count (default 0, the first attempt).
+
+PHALANX_FAULT_STEP_SLEEP=S: every rank sleeps S seconds after every optimizer step, in every attempt: a run that
+lasts at least a known wall time whatever the machine's speed (the maths is unchanged), for tests that need a
+run still going when a scheduler's signal comes.
 """
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import signal
 import time
 
 _SPEC = os.environ.get("PHALANX_FAULT", "")
+_STEP_SLEEP = float(os.environ.get("PHALANX_FAULT_STEP_SLEEP") or 0)
 
 
 def maybe(point: str, rank: int, step: int) -> None:
+    if _STEP_SLEEP and point == "step":
+        time.sleep(_STEP_SLEEP)
     if not _SPEC:
         return
     parts = _SPEC.split(":")
