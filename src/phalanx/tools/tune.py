@@ -63,8 +63,10 @@ less: the load average lags by about a minute, so the command's own data prepara
 before, counts in it (up to one per CPU); more runnable processes than CPUs means another job shares them. A
 quieter disturbance shows in the spread of the interleaved rounds instead."""
 
-NOISY = 0.10
-"""... nor when the best candidate's rounds spread ((max - min) / median) by more than this."""
+NOISY = 0.25
+"""... nor when the best candidate's rounds spread ((max - min) / median) by more than this. Not less: on the quiet
+2-core AMD EPYC (load average 1.0, the tuner alone) the rounds of the best candidate spread by 10-14%, and a
+tighter bound left every decision uncached there, to be measured again (9 s) at every start."""
 
 RECHECKS = 2
 """Starts that measure again a decision whose runner-up was within the noise, before it is taken as a tie."""
