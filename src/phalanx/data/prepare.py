@@ -210,6 +210,18 @@ def _check_dir_link(path: str, top: str, folder: Path) -> None:
                     f"again or under the wrong class. Remove the link, or move the images themselves into {folder}")
 
 
+def trainable_listing(root: Path, remedy: str) -> FolderListing:
+    """`list_imagefolder(root)` for reading every file as it is (streaming, shards): refused in one line when it
+    holds empty files (`remedy` says what to do) or no training images."""
+    listing = list_imagefolder(root)
+    if listing.zero_byte:
+        raise DataError(f"{root}: {len(listing.zero_byte)} empty (0-byte) image file(s), first "
+                        f"{listing.zero_byte[0]}; {remedy}")
+    if not listing.splits.get("train"):
+        raise DataError(f"{root}: no training images")
+    return listing
+
+
 def _held_out_rank(rel: str, seed: int) -> bytes:
     # A file's place depends on its own path only: stable across platforms and library versions,
     # and adding files to a class moves few others between train and test.

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from phalanx.data.imageio import decode_chw, sniff
-from phalanx.data.prepare import list_imagefolder
+from phalanx.data.prepare import trainable_listing
 from phalanx.errors import ConfigError, DataError
 
 INDEX = "index.json"
@@ -109,12 +109,7 @@ def write_shards(src: Path, out: Path, shard_size: int, size: int = 0, channels:
     if size and channels not in (0, 1, 3):
         raise ConfigError(f"--channels {channels}: must be 1 or 3")
     _check_out(out)
-    listing = list_imagefolder(src)
-    if listing.zero_byte:
-        raise DataError(f"{src}: {len(listing.zero_byte)} empty (0-byte) image file(s), first "
-                        f"{listing.zero_byte[0]}; remove them before writing shards")
-    if not listing.splits.get("train"):
-        raise DataError(f"{src}: no training images")
+    listing = trainable_listing(src, "remove them before writing shards")
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / INDEX).read_text()) if (out / INDEX).is_file() else None
     if old is not None:  # a shard folder written before: its index goes first, so no half-new set looks finished

@@ -37,7 +37,7 @@ from phalanx.config import AugmentConfig
 from phalanx.data.augment import Normalize
 from phalanx.data.imageio import declared_size, decode_chw, fit, read_encoded, sniff, too_many_pixels
 from phalanx.data.loader import Batch, augmented, check_mix_layout
-from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder
+from phalanx.data.prepare import FolderListing, detect_kind, list_imagefolder, trainable_listing
 from phalanx.data.sampler import GlobalSampler
 from phalanx.data.store import channel_stats
 from phalanx.errors import DataChoiceError, DataError
@@ -318,12 +318,7 @@ def open_folder_stream(data_path: str, size: int, channels: int, workers: int, i
     channels 0 means 3: choosing from the images, as prepare does, would read every file's header.
     """
     root = stream_root(data_path)
-    listing = list_imagefolder(root)
-    if listing.zero_byte:
-        raise DataError(f"{root}: {len(listing.zero_byte)} empty (0-byte) image file(s), first "
-                        f"{listing.zero_byte[0]}; remove them, or prepare with `phalanx data prepare --skip-bad`")
-    if not listing.splits.get("train"):
-        raise DataError(f"{root}: no training images")
+    listing = trainable_listing(root, "remove them, or prepare with `phalanx data prepare --skip-bad`")
     channels = channels or 3
     stats = None
     if is_main:

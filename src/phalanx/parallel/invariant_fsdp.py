@@ -61,7 +61,6 @@ class FixedOrderReduceScatter:
     def __init__(self, step: MicroStep, count: int, world: int):
         self.step, self.count, self.world = step, count, world
         self.chunks: list[torch.Tensor] = []  # [m]: (W, S), row r = rank r's micro-batch m*W + r, my chunk
-        self.bytes_sent = 0
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -78,7 +77,6 @@ class FixedOrderReduceScatter:
                                "unused by some micro-batches are not supported)")
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)
-        self.bytes_sent += (w - 1) * send.shape[1] * send.element_size()
         self.chunks.append(recv)
         if not self.step.last:
             output_tensor.zero_()
@@ -162,7 +160,3 @@ class InvariantFSDPStrategy(FSDPStrategy):
             grads.append(g)
         total = fixed_order_norm(parts, self._rows, self.env.device, sum_over_ranks=self.env.distributed)
         clip_by_norm_(grads, total, max_norm)
-
-    @property
-    def bytes_sent(self) -> int:
-        return sum(c.bytes_sent for c in self.comms) + (self.combiner.bytes_sent if self.combiner else 0)
